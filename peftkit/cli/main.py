@@ -1,0 +1,84 @@
+"""The ``peftkit`` command line. Each subcommand is documented in ``docs/cli.md``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="One frozen language model, many small experts.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="the main job: tune a soft prompt for sentiment on the embedded model")
+    demo.add_argument("--model", default="smollm2-135m-instruct", help="model alias or local HF folder")
+    demo.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    demo.add_argument("--batch-size", type=int, default=8, help="reviews per step (default 8)")
+    demo.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
+    demo.add_argument("--tokens", type=int, default=20, help="virtual tokens (default 20)")
+    demo.add_argument("--test-size", type=int, default=400, help="held-out reviews (default 400)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="where the adapter and summary go")
+
+    models = commands.add_parser("models", help="list or prepare the embedded base models")
+    models_cmd = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_cmd.add_parser("list", help="embedded model aliases and whether they are cached")
+    prepare = models_cmd.add_parser("prepare", help="convert an embedded model into the local cache now")
+    prepare.add_argument("alias")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "demo":
+            from peftkit.cli.demo import DemoSettings, run_demo
+
+            settings = DemoSettings(
+                model=args.model,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                num_virtual_tokens=args.tokens,
+                test_size=args.test_size,
+                seed=args.seed,
+                output=args.output,
+            )
+            run_demo(settings, console)
+        elif args.command == "models":
+            return _models(args, console)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 2
+    return 0
+
+
+def _models(args: argparse.Namespace, console: Console) -> int:
+    from peftkit.models.loading import EMBEDDED_MODELS, cache_folder, cache_problem, ensure_cached
+
+    if args.models_command == "list":
+        table = Table(title="Embedded models")
+        for column in ("alias", "package", "cache", "description"):
+            table.add_column(column)
+        for alias, model in EMBEDDED_MODELS.items():
+            folder = cache_folder(model)
+            problem = cache_problem(folder)
+            table.add_row(alias, model.distribution, str(folder) if problem is None else problem, model.description)
+        console.print(table)
+        return 0
+    if args.alias not in EMBEDDED_MODELS:
+        console.print(f"[bold red]error:[/] unknown alias {args.alias!r}; known: {', '.join(EMBEDDED_MODELS)}")
+        return 2
+    folder = ensure_cached(EMBEDDED_MODELS[args.alias])
+    console.print(f"{args.alias}: ready in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

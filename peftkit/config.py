@@ -1,0 +1,154 @@
+"""Adapter configuration shared by every method.
+
+Configs are pydantic models: every field is validated with a message that names it, the JSON
+layout is Hugging Face PEFT's ``adapter_config.json``, and ``model_json_schema()`` exports a schema.
+
+Nothing is silently ignored. Constructing a config with an unknown field is an error. Reading an
+``adapter_config.json`` that carries keys this version does not know keeps PEFT's behaviour (the
+keys are dropped) but warns with their names, and PEFT fields that peftkit does not implement are
+accepted only at PEFT's default value.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class TaskType(enum.StrEnum):
+    """The task the adapted model solves. peftkit adapts causal language models."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+
+
+class PeftType(enum.StrEnum):
+    """The adaptation method, spelled as in PEFT's ``peft_type`` field."""
+
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    BOFT = "BOFT"
+    VERA = "VERA"
+
+
+class PeftConfig(BaseModel):
+    """Fields every adapter config has (PEFT's ``PeftConfig``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+
+    #: Method name written to ``adapter_config.json``; each subclass fixes it.
+    peft_type: str
+    task_type: TaskType | None = TaskType.CAUSAL_LM
+    """Only ``CAUSAL_LM`` (or ``None``, read as causal LM) is supported."""
+    base_model_name_or_path: str | None = None
+    """Name or folder of the base model the adapter was trained on (informational)."""
+    revision: str | None = None
+    """Base model revision (informational)."""
+    inference_mode: bool = False
+    """True when the adapter was loaded for inference only (its parameters are frozen)."""
+    auto_mapping: dict[str, Any] | None = None
+    """Kept for PEFT compatibility; peftkit does not use it."""
+    peft_version: str | None = None
+    """Version of the library that wrote the file, when PEFT wrote it (informational)."""
+
+    #: PEFT fields that peftkit does not implement, with the only value accepted for each.
+    unsupported_defaults: ClassVar[dict[str, Any]] = {}
+    #: peftkit-only fields; written to ``adapter_config.json`` only when set (PEFT warns on unknown keys).
+    extension_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("task_type", mode="before")
+    @classmethod
+    def _check_task_type(cls, value: Any) -> Any:
+        if value is None or str(getattr(value, "value", value)) == TaskType.CAUSAL_LM.value:
+            return value
+        raise ValueError(f"task_type={value!r} is not supported; peftkit adapts causal LMs: use 'CAUSAL_LM'")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for soft-prompt methods (prompt tuning, prefix tuning, p-tuning)."""
+        return False
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict written to ``adapter_config.json`` (PEFT layout)."""
+        data = self.model_dump(mode="json")
+        data.update(self.unsupported_defaults)
+        return {k: v for k, v in data.items() if not (k in self.extension_fields and v is None)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``adapter_config.json`` into ``save_directory`` and return its path."""
+        path = Path(save_directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build a config from an ``adapter_config.json`` dict.
+
+        Called on the base class, dispatches on ``peft_type`` through the method registry.
+        Unknown keys are dropped with a warning that names them; PEFT fields peftkit does not
+        implement must hold PEFT's default value.
+        """
+        data = dict(data)
+        target = cls
+        if cls is PeftConfig or "peft_type" in data:
+            from peftkit.methods.registry import config_class_for
+
+            if "peft_type" not in data:
+                raise ValueError("adapter config has no 'peft_type' field")
+            target = config_class_for(data["peft_type"])
+            if cls is not PeftConfig and not issubclass(target, cls):
+                raise ValueError(f"peft_type={data['peft_type']!r} does not belong to {cls.__name__}")
+        for key, only in target.unsupported_defaults.items():
+            value = data.pop(key, None)
+            if value is not None and value != only:
+                raise ValueError(
+                    f"{target.__name__}: field {key!r} is not supported by peftkit "
+                    f"(only {only!r} is accepted); the adapter would behave differently than it was trained"
+                )
+        known = set(target.model_fields)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"{target.__name__}: ignoring keys peftkit does not know: {unknown}",
+                UserWarning,
+                stacklevel=2,
+            )
+        return target(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> Self:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> Self:
+        """Read ``adapter_config.json`` from an adapter folder (optionally a named subfolder)."""
+        folder = Path(directory) / subfolder if subfolder else Path(directory)
+        path = folder / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+        return cls.from_json_file(path)
+
+
+def coerce_upper(value: Any) -> Any:
+    """Accept enum-like values in any case (``"text"``, ``"TEXT"``, an enum member)."""
+    value = getattr(value, "value", value)
+    return value.upper() if isinstance(value, str) else value

@@ -1,0 +1,33 @@
+"""The command line: parsing, errors, and the models subcommand."""
+
+import pytest
+
+from peftkit.cli.main import build_parser, main
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "models" in out
+
+
+def test_demo_defaults():
+    args = build_parser().parse_args(["demo"])
+    assert (args.steps, args.batch_size, args.tokens, args.test_size) == (200, 8, 20, 400)
+
+
+def test_unknown_alias_is_an_error(capsys):
+    assert main(["models", "prepare", "nope"]) == 2
+    assert "unknown alias 'nope'" in capsys.readouterr().out
+
+
+def test_models_list(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["models", "list"]) == 0
+    assert "smollm2-135m-instruct" in capsys.readouterr().out
+
+
+def test_demo_reports_a_bad_model_cleanly(capsys, tmp_path):
+    assert main(["demo", "--model", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().out
