@@ -146,6 +146,14 @@ class Adapter(Protocol):
         ...
 
 
+class AdaptsDuringTraining(Protocol):
+    """Optional: adapters that change shape or budget as training runs (AdaLoRA)."""
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        """Called by the training loop after every optimiser step (``global_step`` counts from 0)."""
+        ...
+
+
 class Trainable(Protocol):
     """Adapters whose parameters can be frozen and unfrozen."""
 

@@ -163,6 +163,16 @@ class PeftModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    def after_optimizer_step(self, global_step: int) -> None:
+        """Call after every optimiser step: adapters that adapt during training (e.g. AdaLoRA's rank
+        budget) implement an optional ``after_optimizer_step(global_step)``."""
+        for adapter in self.adapters.values():
+            hook = getattr(adapter, "after_optimizer_step", None)
+            if hook is not None:
+                hook(global_step)
+
+    update_and_allocate = after_optimizer_step  # PEFT's name (AdaLoRA)
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute activations in the backward pass (works with prefix tuning too)."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}

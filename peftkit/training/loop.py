@@ -89,6 +89,7 @@ def fit(
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
+            model.after_optimizer_step(len(result.losses))
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(out.loss.item())
