@@ -5,6 +5,7 @@ Drop-in for Hugging Face PEFT's public API: change ``from peft import ...`` to
 """
 
 from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig, PeftType, TaskType
+from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningInit
@@ -19,6 +20,8 @@ __all__ = [
     "BASE_ADAPTER_NAME",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "Lora",
+    "LoraConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

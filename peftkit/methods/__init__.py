@@ -6,14 +6,16 @@ To add a method, create ``methods/<name>/`` with a pydantic config (subclass of
 ``register_method(MyConfig, MyAdapter)`` in its ``__init__`` and import it here.
 """
 
-from peftkit.methods import p_tuning, prefix_tuning, prompt_tuning
-from peftkit.methods.base import Adapter, ModelInputs
+from peftkit.methods import lora, p_tuning, prefix_tuning, prompt_tuning
+from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import known_methods, register_method
 
 __all__ = [
     "Adapter",
+    "Mergeable",
     "ModelInputs",
     "known_methods",
+    "lora",
     "p_tuning",
     "prefix_tuning",
     "prompt_tuning",

@@ -154,6 +154,31 @@ class AdaptsDuringTraining(Protocol):
         ...
 
 
+@runtime_checkable
+class Mergeable(Protocol):
+    """Adapters whose effect can be folded into the base weights (the weight adapters).
+
+    ``merge`` computes every new weight before writing it; with ``safe_merge`` a NaN/inf anywhere
+    raises and leaves the model as it was. ``unmerge`` restores the base weights (exactly up to
+    floating-point rounding where the maths is invertible).
+    """
+
+    def merge(self, safe_merge: bool = False) -> None: ...
+
+    def unmerge(self) -> None: ...
+
+    @property
+    def merged(self) -> bool: ...
+
+
+class RegularizesLoss(Protocol):
+    """Optional: adapters that add a term to the training loss (AdaLoRA's orthogonality penalty)."""
+
+    def regularization_loss(self) -> Tensor | None:
+        """Added to ``PeftModel.forward``'s loss whenever a loss is computed and the adapter serves rows."""
+        ...
+
+
 class Trainable(Protocol):
     """Adapters whose parameters can be frozen and unfrozen."""
 

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from peftkit.io import atomic_save_safetensors
-from peftkit.methods.base import Adapter, ModelInputs
+from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
 from peftkit.models.cache import cache_survives_checkpointing, growing_prefix_cache, readonly_prefix_cache
 
@@ -38,22 +38,46 @@ BASE_ADAPTER_NAME = "__base__"
 
 
 class Routing:
-    """Which rows each adapter serves in the forward pass under way.
+    """Which rows each adapter serves, read by the layers weight adapters wrap.
 
-    Weight-adapter layers read :attr:`rows` (adapter name → ``(B,)`` expert index, ``-1`` = row not
-    served); it is ``None`` outside a forward pass.
+    Inside ``PeftModel.forward`` / ``generate``, :attr:`rows` holds that call's per-row map (adapter
+    name → ``(B,)`` expert index, ``-1`` = row not served). Outside (the base model called directly)
+    it is ``None`` and layers apply the :attr:`active` adapters to every row, as PEFT does, or none
+    while :attr:`disabled` (``disable_adapter()``).
     """
 
     def __init__(self) -> None:
         self.rows: dict[str, Tensor] | None = None
+        self.active: list[str] = []
+        self.disabled = False
+        self._selection: dict[str, Tensor | None] | None = None
 
     @contextlib.contextmanager
     def scope(self, rows: dict[str, Tensor]) -> Iterator[None]:
-        previous, self.rows = self.rows, rows
+        previous = self.rows, self._selection
+        self.rows, self._selection = rows, None
         try:
             yield
         finally:
-            self.rows = previous
+            self.rows, self._selection = previous
+
+    def selection(self) -> dict[str, Tensor | None]:
+        """Adapter name → the rows it serves: ``None`` for every row, else a ``(B,)`` bool mask.
+
+        Adapters that serve no row are left out. Computed once per forward pass.
+        """
+        if self.rows is None:
+            return {} if self.disabled else dict.fromkeys(self.active)
+        if self._selection is None:
+            selection: dict[str, Tensor | None] = {}
+            for name, rows in self.rows.items():
+                served = rows >= 0
+                if bool(served.all()):
+                    selection[name] = None
+                elif bool(served.any()):
+                    selection[name] = served
+            self._selection = selection
+        return self._selection
 
 
 class PeftModel(nn.Module):
@@ -74,9 +98,7 @@ class PeftModel(nn.Module):
         self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self.adapters: dict[str, Adapter] = {}
-        self.active_adapters: list[str] = []
         self.routing = Routing()
-        self._adapters_disabled = False
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config, **context)
@@ -91,6 +113,23 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters applied to every row when no ``adapter_names`` are given."""
+        return self.routing.active
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self.routing.active = list(names)
+
+    @property
+    def _adapters_disabled(self) -> bool:
+        return self.routing.disabled
+
+    @_adapters_disabled.setter
+    def _adapters_disabled(self, value: bool) -> None:
+        self.routing.disabled = value
+
     @property
     def active_adapter(self) -> str:
         """The first active adapter (PEFT's single-adapter view)."""
@@ -122,14 +161,20 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activate one adapter, or several at once (e.g. a soft prompt on top of a LoRA).
 
-        Activation does not change which adapters train: use ``freeze`` / ``unfreeze``.
+        Activation does not change which adapters train (unlike PEFT, which freezes inactive ones):
+        an adapter is trainable unless it was loaded with ``is_trainable=False`` / ``inference_mode``
+        or frozen with ``peft_model.adapters[name].freeze()``.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_names(names)
         self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter completely (a merged one is unmerged first, so the base weights come back)."""
         self._check_names([adapter_name])
+        adapter = self.adapters[adapter_name]
+        if isinstance(adapter, Mergeable) and adapter.merged:
+            adapter.unmerge()
         self.adapters.pop(adapter_name).detach(self, adapter_name)
         del self.peft_config[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -147,6 +192,66 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(self.adapters)}")
+
+    # ------------------------------------------------------------------ merging
+    def _mergeable(self, adapter_names: Sequence[str] | None) -> list[tuple[str, Mergeable]]:
+        if adapter_names is None:
+            return [(n, a) for n in self.active_adapters if isinstance(a := self.adapters[n], Mergeable)]
+        self._check_names(list(adapter_names))
+        refused = [n for n in adapter_names if not isinstance(self.adapters[n], Mergeable)]
+        if refused:
+            raise TypeError(f"adapter(s) {refused} cannot be merged (soft prompts have no weights to fold in)")
+        return [(n, self.adapters[n]) for n in adapter_names]  # type: ignore[misc]
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold weight adapters (default: the active mergeable ones) into the base weights.
+
+        Merged adapters cost nothing at inference; every row must then use them (mixing per row or
+        ``disable_adapter()`` raises until :meth:`unmerge_adapter`). ``safe_merge`` checks every new
+        weight for NaN/inf first and leaves the model untouched if one is found.
+        """
+        done: list[Mergeable] = []
+        try:
+            for _, adapter in self._mergeable(adapter_names):
+                if not adapter.merged:
+                    adapter.merge(safe_merge=safe_merge)
+                    done.append(adapter)
+        except Exception:
+            for adapter in reversed(done):
+                adapter.unmerge()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter out of the base weights again (in reverse merge order)."""
+        for name in reversed(list(self.adapters)):
+            adapter = self.adapters[name]
+            if isinstance(adapter, Mergeable) and adapter.merged:
+                adapter.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge weight adapters (default: the active mergeable ones) and return the bare base model.
+
+        Every adapter is removed from the model afterwards (those not merged are dropped), so the
+        result is a plain transformers model, as with PEFT. ``progressbar`` is accepted for PEFT
+        compatibility.
+        """
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the bare base model (its original weights)."""
+        self.unmerge_adapter()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        for name in list(self.adapters):
+            adapter = self.adapters.pop(name)
+            adapter.detach(self, name)
+            del self.peft_config[name]
+        self.active_adapters = []
+        return self.base_model
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -256,13 +361,20 @@ class PeftModel(nn.Module):
             raise ValueError("logits_to_keep cannot be combined with labels (use return_logits=False)")
         with self.routing.scope(routes):
             inputs = self.prepare_inputs(input_ids, attention_mask, inputs_embeds, labels, routes)
-            return self.run_base_model(
+            out = self.run_base_model(
                 inputs,
                 use_cache=use_cache,
                 return_logits=return_logits,
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
+        if out.loss is not None:
+            for name in routes:
+                term = getattr(self.adapters[name], "regularization_loss", None)
+                extra = term() if term is not None else None
+                if extra is not None:
+                    out.loss = out.loss + extra
+        return out
 
     def run_base_model(
         self,
