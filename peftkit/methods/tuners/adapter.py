@@ -179,6 +179,7 @@ class WeightAdapter(ParameterOwner):
         given: dict[str, Tensor] = {}
         for key, value in state_dict.items():
             given[PREFIX + key if key not in live and PREFIX + key in live else key] = value
+        self._check_base_copies(given, live)
         unexpected = sorted(set(given) - set(live))
         missing = sorted(set(live) - set(given))
         if unexpected or missing:
@@ -193,6 +194,23 @@ class WeightAdapter(ParameterOwner):
                 if tuple(value.shape) != tuple(target.shape):
                     raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
                 target.copy_(value.to(target.dtype))
+
+    def _check_base_copies(self, given: dict[str, Tensor], live: dict[str, Tensor]) -> None:
+        """PEFT also saves the base weights of targeted embedding / output layers (``lm_head.base_layer.weight``).
+        They are accepted when they equal the base model's (then dropped from ``given``); a file whose base
+        weights differ (e.g. a resized vocabulary) is refused rather than silently half-applied."""
+        if self.model is None:
+            return
+        base = dict(base_parameters(self.model))
+        for key in [k for k in given if k not in live and k.startswith(PREFIX) and ".base_layer." in k]:
+            name = key.removeprefix(PREFIX)
+            if name in base:
+                value = given.pop(key)
+                if value.shape != base[name].shape or not torch.equal(value.to(base[name].dtype), base[name].detach()):
+                    raise ValueError(
+                        f"the adapter file carries base weights {name!r} that differ from this base model's "
+                        "(a resized or modified layer); peftkit does not overwrite base weights from adapter files"
+                    )
 
     # ------------------------------------------------------------------ merging
     def layers(self) -> list[AdaptedLayer]:

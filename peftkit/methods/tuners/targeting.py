@@ -18,7 +18,7 @@ nothing, or a module of a type the method cannot wrap, fails with the candidate 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -134,7 +134,7 @@ def find_targets(
     exclude = getattr(config, "exclude_modules", None)
     saved = getattr(config, "modules_to_save", None)
     found, unsupported = [], []
-    for path, module in model.named_modules():
+    for path, module in base_modules(model):
         if not path or is_saved_module(path, saved) or (exclude and matches_name(exclude, path)):
             continue
         if all_linear:
@@ -145,7 +145,8 @@ def find_targets(
             continue
         (found if isinstance(module, supported) else unsupported).append(path)
     if unsupported:
-        kinds = sorted({type(model.get_submodule(p)).__name__ for p in unsupported})
+        modules = dict(base_modules(model))
+        kinds = sorted({type(modules[p]).__name__ for p in unsupported})
         raise ValueError(
             f"{field}={targets!r} matches modules this method cannot wrap: {unsupported[:6]} "
             f"(types {kinds}; supported: {[t.__name__ for t in supported]}). "
@@ -161,11 +162,24 @@ def find_targets(
     return found
 
 
+def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` of the base model as it was: a wrapped layer appears as its base layer, and
+    the adapters' own modules inside wrappers are skipped."""
+    from peftkit.methods.tuners.layer import AdaptedLayer
+
+    if isinstance(model, AdaptedLayer):
+        yield prefix, model.base_layer
+        return
+    yield prefix, model
+    for name, child in model.named_children():
+        yield from base_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
 def candidate_names(model: nn.Module, supported: tuple[type[nn.Module], ...] = LINEAR_TYPES) -> list[str]:
     """Distinct tails of wrappable module paths (``self_attn.q_proj``, ``mlp.c_proj``, ...): each is a
     valid ``target_modules`` entry. For error messages."""
     names: dict[str, None] = {}
-    for path, module in model.named_modules():
+    for path, module in base_modules(model):
         if path and isinstance(module, supported):
             names[".".join(path.split(".")[-2:])] = None
     return list(names)
@@ -175,10 +189,10 @@ def find_saved_modules(model: nn.Module, modules_to_save: Sequence[str] | None) 
     """Paths of the modules ``modules_to_save`` names (path or path tail), each kept whole."""
     if not modules_to_save:
         return []
-    paths = [p for p, _ in model.named_modules() if p and any(p == m or p.endswith(f".{m}") for m in modules_to_save)]
+    paths = [p for p, _ in base_modules(model) if p and any(p == m or p.endswith(f".{m}") for m in modules_to_save)]
     missing = [m for m in modules_to_save if not any(p == m or p.endswith(f".{m}") for p in paths)]
     if missing:
-        tops = [p for p, _ in model.named_modules() if p and p.count(".") <= 1]
+        tops = [p for p, _ in base_modules(model) if p and p.count(".") <= 1]
         raise ValueError(f"modules_to_save names {missing}, which match no module; top-level modules: {tops}")
     # A module inside another saved module is saved with it.
     return [p for p in paths if not any(p.startswith(f"{q}.") for q in paths)]
