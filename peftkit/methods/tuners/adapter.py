@@ -225,14 +225,24 @@ class WeightAdapter(ParameterOwner):
         return any(self.name in layer.merged for layer in self.layers())
 
     def merge(self, safe_merge: bool = False) -> None:
-        """Fold the adapter into the base weights, layer by layer; on any failure every layer is restored."""
-        layers = self.layers()
+        """Fold the adapter into the base weights.
+
+        With ``safe_merge`` every layer's new weights are computed and checked before any is written,
+        so a NaN/inf anywhere leaves the model bit-for-bit untouched. Otherwise layers merge one by one
+        and an error part-way unmerges those already done.
+        """
+        layers = [layer for layer in self.layers() if self.name not in layer.merged]
         for layer in layers:
             refuse_tied_weights(self.model, layer)
+        if safe_merge:
+            planned = [(layer, layer.plan_merge(self.name, safe_merge=True)) for layer in layers]
+            for layer, tensors in planned:
+                layer.commit_merge(self.name, tensors)
+            return
         done: list[AdaptedLayer] = []
         try:
             for layer in layers:
-                layer.merge(self.name, safe_merge=safe_merge)
+                layer.merge(self.name)
                 done.append(layer)
         except Exception:
             for layer in reversed(done):

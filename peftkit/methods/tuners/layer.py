@@ -147,16 +147,22 @@ class AdaptedLayer(nn.Module):
     # ------------------------------------------------------------------ merging
     def merge(self, adapter_name: str, safe_merge: bool = False) -> None:
         """Fold ``adapter_name`` into the base weights; ``safe_merge`` refuses non-finite results."""
-        if adapter_name in self.merged:
-            return
+        if adapter_name not in self.merged:
+            self.commit_merge(adapter_name, self.plan_merge(adapter_name, safe_merge))
+
+    def plan_merge(self, adapter_name: str, safe_merge: bool = False) -> dict[str, Tensor]:
+        """The new base tensors with ``adapter_name`` merged, checked for NaN/inf when ``safe_merge``."""
         tensors = self.parts[adapter_name].merged_tensors(self)
         if safe_merge:
             for key, value in tensors.items():
                 if not torch.isfinite(value).all():
                     raise ValueError(
-                        f"merging adapter {adapter_name!r} would put NaN/inf into {key!r} of "
-                        f"{type(self.base_layer).__name__}; the adapter's weights are broken (nothing was merged)"
+                        f"merging adapter {adapter_name!r} would put NaN/inf into {key!r} of {self.path or 'a layer'}; "
+                        "the adapter's weights are broken (nothing was merged)"
                     )
+        return tensors
+
+    def commit_merge(self, adapter_name: str, tensors: dict[str, Tensor]) -> None:
         self._assign(tensors)
         self.merged.append(adapter_name)
 
