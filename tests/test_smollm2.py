@@ -7,7 +7,7 @@ import peft
 import pytest
 import torch
 
-from peftkit import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peftkit import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from peftkit.models import loading
 from peftkit.models.loading import load_base
 from tests.models.test_generation import argmax_without_cache
@@ -77,3 +77,21 @@ def test_demo_end_to_end_and_peft_loads_its_adapter(smollm2, tmp_path):
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(load_base("smollm2-135m-instruct")[0], tmp_path / "adapter")
     torch.testing.assert_close(logits, theirs(**ids).logits[:, 20:], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_files_move_between_peftkit_and_peft_on_smollm2(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    batch = tokenizer(["The movie was great", "A dull film"], return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path)
+    peft_model.unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(load_base("smollm2-135m-instruct")[0], tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours[real], theirs(**batch).logits[real], atol=1e-4, rtol=1e-4)

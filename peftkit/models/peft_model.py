@@ -32,52 +32,10 @@ from peftkit.io import atomic_save_safetensors
 from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
 from peftkit.models.cache import cache_survives_checkpointing, growing_prefix_cache, readonly_prefix_cache
+from peftkit.models.routing import Routing
 
 BASE_ADAPTER_NAME = "__base__"
 """Name that routes a row of a mixed batch to the bare base model (as in PEFT)."""
-
-
-class Routing:
-    """Which rows each adapter serves, read by the layers weight adapters wrap.
-
-    Inside ``PeftModel.forward`` / ``generate``, :attr:`rows` holds that call's per-row map (adapter
-    name → ``(B,)`` expert index, ``-1`` = row not served). Outside (the base model called directly)
-    it is ``None`` and layers apply the :attr:`active` adapters to every row, as PEFT does, or none
-    while :attr:`disabled` (``disable_adapter()``).
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[str, Tensor] | None = None
-        self.active: list[str] = []
-        self.disabled = False
-        self._selection: dict[str, Tensor | None] | None = None
-
-    @contextlib.contextmanager
-    def scope(self, rows: dict[str, Tensor]) -> Iterator[None]:
-        previous = self.rows, self._selection
-        self.rows, self._selection = rows, None
-        try:
-            yield
-        finally:
-            self.rows, self._selection = previous
-
-    def selection(self) -> dict[str, Tensor | None]:
-        """Adapter name → the rows it serves: ``None`` for every row, else a ``(B,)`` bool mask.
-
-        Adapters that serve no row are left out. Computed once per forward pass.
-        """
-        if self.rows is None:
-            return {} if self.disabled else dict.fromkeys(self.active)
-        if self._selection is None:
-            selection: dict[str, Tensor | None] = {}
-            for name, rows in self.rows.items():
-                served = rows >= 0
-                if bool(served.all()):
-                    selection[name] = None
-                elif bool(served.any()):
-                    selection[name] = served
-            self._selection = selection
-        return self._selection
 
 
 class PeftModel(nn.Module):
