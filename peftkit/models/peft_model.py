@@ -239,6 +239,8 @@ class PeftModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute activations in the backward pass (works with prefix tuning too)."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if not kwargs["use_reentrant"]:  # recompute wrapped layers under the routing of their forward pass
+            kwargs.setdefault("context_fn", self.routing.checkpoint_contexts)
         if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:

@@ -54,3 +54,18 @@ class Routing:
                     selection[name] = served
             self._selection = selection
         return self._selection
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` for ``torch.utils.checkpoint``: a checkpointed layer is recomputed in the backward
+        pass, after the forward's scope has closed; this replays the routing the forward saw, so a
+        mixed batch recomputes (and differentiates) what it computed."""
+        return contextlib.nullcontext(), self._replay(self.rows, list(self.active), self.disabled)
+
+    @contextlib.contextmanager
+    def _replay(self, rows: dict[str, Tensor] | None, active: list[str], disabled: bool) -> Iterator[None]:
+        previous = self.rows, self.active, self.disabled, self._selection
+        self.rows, self.active, self.disabled, self._selection = rows, active, disabled, None
+        try:
+            yield
+        finally:
+            self.rows, self.active, self.disabled, self._selection = previous

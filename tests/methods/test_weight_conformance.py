@@ -48,8 +48,13 @@ def test_forward_shape_and_parameter_count(case, arch):
     model = make(case, arch)
     assert logits(model).shape == (2, 6, VOCAB)
     trainable, _ = model.get_nb_trainable_parameters()
-    assert trainable == case.count(arch) == model.adapters["default"].num_parameters()
-    assert not model.adapters["default"].is_frozen
+    adapter = model.adapters["default"]
+    assert trainable == case.count(arch) == adapter.num_parameters()
+    assert not adapter.is_frozen
+    adapter.freeze()
+    assert adapter.is_frozen and model.get_nb_trainable_parameters()[0] == 0
+    adapter.unfreeze()
+    assert model.get_nb_trainable_parameters()[0] == case.count(arch)
 
 
 def test_training_changes_only_adapter_parameters(case, arch):

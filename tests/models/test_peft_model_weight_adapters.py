@@ -123,3 +123,21 @@ def test_generate_with_a_different_lora_per_row(llama):
     with model.disable_adapter():
         base = model.generate(input_ids=ids, max_new_tokens=4, eos_token_id=None)
     assert not torch.equal(base, mixed)
+
+
+def test_gradient_checkpointing_replays_per_row_routing():
+    """Checkpointed layers are recomputed after the forward's routing scope closed: same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, init_lora_weights=False), adapter_name="a")
+        model.add_adapter("b", LoraConfig(r=4, init_lora_weights=False))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(**BATCH, labels=LABELS, adapter_names=["a", "__base__"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(grads[1][n] is None for n in grads[1] if ".b." in n)  # no row used "b"
+    for name, grad in grads[0].items():
+        if grad is not None:
+            torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)

@@ -328,11 +328,10 @@ def refuse_tied_weights(model: nn.Module | None, layer: AdaptedLayer) -> None:
     if model is None:
         return
     own = {id(p) for p in layer.base_layer.parameters()}
-    layer_path = next(name for name, module in model.named_modules() if module is layer)
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in own and not name.startswith(f"{layer_path}."):
+        if id(param) in own and not name.startswith(f"{layer.path}."):
             raise ValueError(
-                f"cannot merge into {layer_path}: its weight is tied to {name} and both would change; "
+                f"cannot merge into {layer.path}: its weight is tied to {name} and both would change; "
                 "keep the adapter unmerged, or untie the weights first"
             )
 
