@@ -33,9 +33,21 @@ def case(request: pytest.FixtureRequest) -> Case:
     return CASE_BY_NAME[request.param]
 
 
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Scale every trainable tensor by ``1 + 0.2·N(0, 1)`` elementwise, so no adapter tensor keeps a
+    structured init (DoRA's magnitude would otherwise equal the weight norm, making it a plain LoRA)."""
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
+                param.mul_(1 + 0.2 * noise)
+    return model
+
+
 def make(case: Case, arch: str, seed: int = 0) -> peftkit.PeftModel:
     torch.manual_seed(seed)
-    return peftkit.get_peft_model(tiny_model(arch), case.ours(arch))
+    return perturb(peftkit.get_peft_model(tiny_model(arch), case.ours(arch)))
 
 
 def logits(model, **extra) -> torch.Tensor:
@@ -91,7 +103,7 @@ def test_save_load_round_trip(tmp_path, case, arch):
 
 def test_peftkit_files_load_in_peft(tmp_path, case, arch):
     torch.manual_seed(0)
-    ours = peftkit.get_peft_model(tiny_model(arch), case.ours(arch, case.interop_targets(arch)))
+    ours = perturb(peftkit.get_peft_model(tiny_model(arch), case.ours(arch, case.interop_targets(arch))))
     ours.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,7 +116,7 @@ def test_peft_files_load_in_peftkit(tmp_path, case, arch):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tiny_model(arch), case.theirs(arch, case.interop_targets(arch)))
+        theirs = perturb(peft.get_peft_model(tiny_model(arch), case.theirs(arch, case.interop_targets(arch))))
         theirs.save_pretrained(tmp_path)
     ours = peftkit.PeftModel.from_pretrained(tiny_model(arch), tmp_path)
     torch.testing.assert_close(logits(ours)[REAL], logits(theirs)[REAL], atol=case.tol, rtol=case.tol)
@@ -148,7 +160,7 @@ def test_disable_adapter_gives_the_base_output(case, arch):
 def test_bf16_model(case, arch):
     reference = logits(make(case, arch))
     torch.manual_seed(0)
-    model = peftkit.get_peft_model(tiny_model(arch).to(torch.bfloat16), case.ours(arch))
+    model = perturb(peftkit.get_peft_model(tiny_model(arch).to(torch.bfloat16), case.ours(arch)))
     out = logits(model)
     assert out.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.adapters["default"].adapter_parameters())
@@ -216,6 +228,7 @@ def test_targets_a_module_type_it_cannot_wrap(case, llama):
 def test_mixed_batch_rows_equal_per_row_runs(case, arch):
     model = make(case, arch)
     model.add_adapter("other", case.ours(arch))
+    perturb(model)
     per_row = []
     for row, name in enumerate(["other", "__base__"]):
         single = {k: v[row : row + 1] for k, v in INPUTS.items()}

@@ -7,7 +7,7 @@ from typing import Any, Literal, Self
 
 from pydantic import field_validator, model_validator
 
-from peftkit.methods.tuners.config import TunerConfig, _names
+from peftkit.methods.tuners.config import TunerConfig, module_names
 
 
 class IA3Config(TunerConfig):
@@ -31,7 +31,7 @@ class IA3Config(TunerConfig):
     @field_validator("feedforward_modules", mode="before")
     @classmethod
     def _feedforward_names(cls, value: Any) -> Any:
-        return _names(value, "feedforward_modules")
+        return module_names(value, "feedforward_modules")
 
     @model_validator(mode="after")
     def _feedforward_among_targets(self) -> Self:

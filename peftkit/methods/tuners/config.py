@@ -14,7 +14,7 @@ from pydantic import field_validator, model_validator
 from peftkit.config import PeftConfig
 
 
-def _names(value: Any, field: str) -> Any:
+def module_names(value: Any, field: str) -> Any:
     """Accept a list/tuple/set of names (sets are sorted, as PEFT writes them) or a regex string."""
     if value is None or isinstance(value, str):
         return value
@@ -41,7 +41,7 @@ class TunerConfig(PeftConfig):
     @field_validator("target_modules", "exclude_modules", "modules_to_save", mode="before")
     @classmethod
     def _module_names(cls, value: Any, info: Any) -> Any:
-        value = _names(value, info.field_name)
+        value = module_names(value, info.field_name)
         if info.field_name == "modules_to_save" and isinstance(value, str):
             return [value]
         return value
