@@ -23,17 +23,24 @@ STEPS = 8
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, eos_token_id=None, bos_token_id=1, pad_token_id=0,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=None,
+        bos_token_id=1,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def reference(forward, input_ids: torch.Tensor, virtual: int) -> torch.Tensor:
+def reference(model, input_ids: torch.Tensor, virtual: int) -> torch.Tensor:
     """Argmax decoding by re-running the full sequence every step; ``virtual`` logits are skipped."""
     sequence = input_ids
     for _ in range(STEPS):
-        logits = forward(sequence)[:, virtual:]
+        logits = model(input_ids=sequence).logits[:, virtual:]
         sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return sequence
 
@@ -52,14 +59,14 @@ def main() -> None:
         theirs = peft.get_peft_model(tiny_llama(), theirs_cls(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
         virtual = 0 if name == "prefix tuning" else 4
         with torch.no_grad():
-            expected = reference(lambda s: theirs(input_ids=s).logits, input_ids, virtual)
+            expected = reference(theirs, input_ids, virtual)
             generated = theirs.generate(input_ids=input_ids, max_new_tokens=STEPS, do_sample=False)
         peft_ok = torch.equal(generated, expected)
 
         torch.manual_seed(1)
         ours = peftkit.get_peft_model(tiny_llama(), ours_cls(num_virtual_tokens=4))
         with torch.no_grad():
-            expected = reference(lambda s: ours(input_ids=s).logits, input_ids, 0)
+            expected = reference(ours, input_ids, 0)
             generated = ours.generate(input_ids=input_ids, max_new_tokens=STEPS, do_sample=False)
         ours_ok = torch.equal(generated, expected)
         print(f"{name:<15}{'equal' if peft_ok else 'DIFFERENT':>18}{'equal' if ours_ok else 'DIFFERENT':>12}")
