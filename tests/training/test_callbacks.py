@@ -72,7 +72,7 @@ def test_a_callback_can_stop_training(tmp_path):
 
     trainer = Trainer(
         prompt_model(), data(), config(max_steps=10), callbacks=[StopAtThree()], output_dir=tmp_path, progress=False
-    )  # noqa: E501
+    )
     result = trainer.train()
     assert result.state.step == 3 and result.state.stop_reason == "enough"
     assert ckpt.list_checkpoints(tmp_path / "checkpoints") == [3]  # a clean stop still writes a final checkpoint
@@ -128,11 +128,11 @@ def test_callback_state_survives_a_resume(tmp_path):
         callbacks=[Counter()],
         output_dir=tmp_path,
         progress=False,
-    ).train()  # noqa: E501
+    ).train()
     counter = Counter()
     resumed = Trainer(
         prompt_model(), data(), config(max_steps=6), callbacks=[counter], output_dir=tmp_path, progress=False
-    )  # noqa: E501
+    )
     resumed.train(resume_from=tmp_path / "checkpoints" / "step-000004")
     assert counter.steps == 6
 

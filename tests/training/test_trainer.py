@@ -128,7 +128,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     loss = CompositeLoss([("ce", 1.0, nan_later)])
     trainer = Trainer(
         prompt_model(), data(), quiet(max_steps=10, checkpoint_every=2), loss=loss, output_dir=tmp_path, progress=False
-    )  # noqa: E501
+    )
     with pytest.raises(TrainingDivergedError) as info:
         trainer.train()
     message = str(info.value)
@@ -144,7 +144,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
     trainer = Trainer(
         prompt_model(), data(), quiet(max_steps=4, checkpoint_every=2), output_dir=tmp_path, progress=False
-    )  # noqa: E501
+    )
     real = ckpt.save_file
 
     def failing(tensors, path, *args, **kwargs):
