@@ -85,6 +85,13 @@ class Batch:
     def rows(self) -> int:
         return int(self.tensors["input_ids"].shape[0])
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> Batch:
+        """A ready-made batch (``input_ids``, ``attention_mask``, ``labels``) without a data position."""
+        labels, mask = tensors["labels"], tensors.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else labels.numel()
+        return cls(dict(tensors), tokens, int((labels != IGNORE_INDEX).sum()), None)  # type: ignore[arg-type]
+
 
 @dataclass
 class DataStats:

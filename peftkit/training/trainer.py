@@ -18,7 +18,6 @@ cadence, and writes the final adapter, a checkpoint and the loss curve at the en
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -116,7 +115,7 @@ class Trainer:
         self.optimizer = build_optimizer(config.optimizer, [p for _, p in self.params], config)
         self.state = TrainerState()
         self.per_epoch = data.batches_per_epoch() if isinstance(data, TokenizedData) else None
-        self.micro_batch_limit, self.state.total_steps = self._plan()
+        self.state.total_steps = self._total_steps()
         warmup = config.warmup_steps or round((config.warmup_ratio or 0.0) * self.state.total_steps)
         self.schedule = LRSchedule(config.lr, self.state.total_steps, warmup, config.scheduler, config.min_lr_ratio)
         writes = self.dist.is_main and self.output_dir is not None
@@ -124,18 +123,18 @@ class Trainer:
         self.progress = TrainingProgress(self.state.total_steps, description, progress and self.dist.is_main, console)
         self.result = TrainResult(self.state)
 
-    def _plan(self) -> tuple[int | None, int]:
-        """``(micro-batch limit from epochs, total optimiser steps)``."""
-        accumulate, max_steps = self.config.gradient_accumulation_steps, self.config.max_steps
+    def _total_steps(self) -> int:
+        """Optimiser steps of the run: ``max_steps``, or what ``epochs`` (default 1) amount to, whichever is
+        fewer. Streamed data (unknown length) needs ``max_steps``; ``epochs`` then still stops it early."""
+        epochs, max_steps = self.config.epochs, self.config.max_steps
         if self.per_epoch is None:
             if max_steps is None:
                 raise ValueError("training.max_steps is required when the number of batches is unknown (streamed data)")
-            if self.config.epochs is not None and isinstance(self.data, TokenizedData):
-                return None, max_steps  # epochs cannot bound a stream of unknown length; max_steps does
-            return None, max_steps
-        limit = (self.config.epochs or (1 if max_steps is None else 10**9)) * self.per_epoch
-        steps = math.ceil(limit / accumulate)
-        return limit, min(steps, max_steps) if max_steps is not None else steps
+            return max_steps
+        if epochs is None and max_steps is not None:
+            return max_steps
+        steps = math.ceil((epochs or 1) * self.per_epoch / self.config.gradient_accumulation_steps)
+        return min(steps, max_steps) if max_steps is not None else steps
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from: str | Path | None = None) -> TrainResult:
@@ -151,7 +150,7 @@ class Trainer:
         self.callbacks.on_train_begin(state)
         last_eval = last_checkpoint = -1
         with self.progress:
-            while state.step < state.total_steps and not state.should_stop:
+            while state.step < state.total_steps and not state.should_stop and not self._epochs_done():
                 micro = self._next_micro_batches(batches)
                 if not micro:
                     break
@@ -253,13 +252,24 @@ class Trainer:
     def _batches(self) -> Iterator[Batch]:
         if isinstance(self.data, TokenizedData):
             return self.data.batches(self.state.data_position)
-        return (_as_batch(t) for t in self.data)
+        return (Batch.from_tensors(t) for t in self.data)
+
+    def _epochs_done(self) -> bool:
+        return self.config.epochs is not None and self.state.epoch >= self.config.epochs
 
     def _next_micro_batches(self, batches: Iterator[Batch]) -> list[Batch]:
-        count = self.config.gradient_accumulation_steps
-        if self.micro_batch_limit is not None:
-            count = min(count, self.micro_batch_limit - self.state.micro_batches)
-        return list(itertools.islice(batches, max(0, count)))
+        """The step's micro-batches: ``gradient_accumulation_steps`` of them, fewer at the end of the last epoch."""
+        micro: list[Batch] = []
+        epochs_left = None if self.config.epochs is None else self.config.epochs - self.state.epoch
+        for batch in batches:
+            micro.append(batch)
+            if batch.epoch_end and epochs_left is not None:
+                epochs_left -= 1
+                if epochs_left == 0:
+                    break
+            if len(micro) == self.config.gradient_accumulation_steps:
+                break
+        return micro
 
     def _divergence(self, what: str, components: dict[str, float]) -> str:
         last = self.state.last_checkpoint
@@ -375,13 +385,6 @@ class Trainer:
                 plot_loss_curve(read_metrics(self.metrics.path), self.output_dir / CURVE_FILE)
             self.metrics.close()
         self.dist.barrier()
-
-
-def _as_batch(tensors: dict[str, Tensor]) -> Batch:
-    labels = tensors["labels"]
-    mask = tensors.get("attention_mask")
-    tokens = int(mask.sum()) if mask is not None else labels.numel()
-    return Batch(dict(tensors), tokens, int((labels != IGNORE_INDEX).sum()), None)  # type: ignore[arg-type]
 
 
 def _under(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

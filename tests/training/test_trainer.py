@@ -238,3 +238,19 @@ def test_needs_trainable_parameters_and_known_length():
 def test_cross_entropy_default():
     trainer = Trainer(prompt_model(), data(), quiet(max_steps=1), progress=False)
     assert isinstance(trainer.loss.components[0][2], CrossEntropy)
+
+
+def test_streamed_data_stops_after_its_epochs(tmp_path):
+    from peftkit.data.formatters import get_formatter
+    from peftkit.data.pipeline import TokenizedData
+    from peftkit.data.sources import FileSource
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records(10)))
+    stream = TokenizedData(
+        FileSource(path, streaming=True), get_formatter("prompt_completion"), CharTokenizer(), batch_size=4
+    )
+    config = quiet(max_steps=100, epochs=2, gradient_accumulation_steps=2)
+    result = Trainer(prompt_model(), stream, config, progress=False).train()
+    # 3 batches per epoch (4 + 4 + 2 rows), 2 per step: steps may span an epoch boundary, never the end of the last
+    assert (result.state.step, result.state.micro_batches, result.state.epoch) == (3, 6, 2)
