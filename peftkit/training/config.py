@@ -30,7 +30,7 @@ PEFTKIT_ADAPTER_KEYS = ("trainable", "from_pretrained")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
@@ -39,7 +39,8 @@ class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """Embedded alias (``peftkit models list``) or a local Hugging Face model folder."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the base model's weights (trainable adapter weights always stay float32)."""
+    """Dtype of the frozen base model's weights. Adapters create their own (the soft-prompt methods
+    keep theirs in float32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
 
@@ -189,7 +190,7 @@ class TrainingConfig(Section):
 class LossComponent(BaseModel):
     """One weighted term of the loss; further keys are the loss's own options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     name: str
     """Loss name: ``cross_entropy``, ``kl_divergence``, ``mse``, or one you registered."""
@@ -234,7 +235,7 @@ class GradientHooksConfig(Section):
 class CallbackConfig(BaseModel):
     """A callback by name; further keys are its options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     name: str
     """``early_stopping`` or a callback class you registered with ``register_callback``."""

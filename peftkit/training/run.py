@@ -146,13 +146,15 @@ def prepare_run(
     dist = dist or Distributed.from_environment()
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
-    if dist.is_main and not resume and list_checkpoints(checkpoints):
+    if not resume and list_checkpoints(checkpoints):  # every process decides alike (one shared disk)
         if not overwrite:
             raise ValueError(
                 f"{output} already holds checkpoints of a run: pass --resume to continue it, "
                 "--overwrite to start over, or choose another output_dir"
             )
-        shutil.rmtree(checkpoints)
+        dist.barrier()
+        if dist.is_main:
+            shutil.rmtree(checkpoints)
     dist.barrier()
     if config.training.eval_every and config.data.eval is None and evaluate is None:
         raise ValueError(f"training.eval_every={config.training.eval_every} needs data.eval (or an evaluate function)")

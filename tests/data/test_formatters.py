@@ -167,3 +167,22 @@ def test_chat_rejects_a_template_that_rewrites_history(chat_tokenizer):
 def test_chat_needs_an_assistant_turn(chat_tokenizer):
     with pytest.raises(FormatError, match="no assistant turn"):
         get_formatter("chat", chat_tokenizer)({"messages": CONVERSATION[:2]})
+
+
+@pytest.mark.smollm2
+def test_chat_with_the_smollm2_template():
+    """The real ChatML template: labels cover exactly the assistant answers and their <|im_end|>."""
+    import json
+    from pathlib import Path
+
+    from peftkit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    record = json.loads((Path(__file__).resolve().parents[2] / "examples/data/chat.jsonl").read_text().splitlines()[0])
+    out = get_formatter("chat", tokenizer)(record)
+    assert "".join(s.text for s in out.segments) == tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    assert [s.text for s in out.segments if s.train] == ["Paris.<|im_end|>\n"]
+    assert out.segments[-2].text == "<|im_start|>assistant\n"
+    encoded = encode_segments(tokenizer, [(s.text, s.train) for s in out.segments], add_special_tokens=False)
+    trained = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != -100]
+    assert tokenizer.decode(trained) == "Paris.<|im_end|>\n"

@@ -143,3 +143,14 @@ def test_imports_register_user_code_first(tmp_path):
     config = validate_config(tree(**{"imports": f"[{plugin}]", "data.formatter": "qa_test_plugin"}))
     assert config.data.formatter == "qa_test_plugin"
     assert isinstance(config, RunConfig)
+
+
+def test_docs_list_every_config_field():
+    from pathlib import Path
+
+    from peftkit.training import config as c
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    sections = [c.RunConfig, c.ModelConfig, c.DataConfig, c.SourceConfig, c.TrainingConfig, c.GradientHooksConfig]
+    missing = [f"{s.__name__}.{f}" for s in sections for f in s.model_fields if f"`{f}`" not in docs]
+    assert not missing, f"docs/training.md does not describe {missing}"
