@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import inspect
 import io
 import itertools
 import json
@@ -35,10 +36,11 @@ def known_datasets() -> list[str]:
     return sorted(_BUILTINS)
 
 
-def _rotten_tomatoes(split: str = "train", **options: Any) -> list[dict[str, Any]]:
+def _rotten_tomatoes(split: str = "train", test_size: int = 400, seed: int = 0) -> list[dict[str, Any]]:
+    """``{"text", "label", "movie"}`` records; the demo's split (``test_size`` held out with ``seed``)."""
     from peftkit.data.rotten_tomatoes import load_records
 
-    return load_records(split, **options)
+    return load_records(split, test_size=test_size, seed=seed)
 
 
 register_dataset("rotten_tomatoes", _rotten_tomatoes)
@@ -137,10 +139,20 @@ def _open_text(path: Path) -> IO[str]:
     return open(path, encoding="utf-8", newline="")
 
 
-def builtin_source(name: str, **options: Any) -> MemorySource:
-    """A built-in dataset by name (``rotten_tomatoes``); options go to its loader (e.g. ``split``)."""
+def check_dataset_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise if ``name`` is not a built-in dataset or its loader takes none of ``options``."""
     if name not in _BUILTINS:
         raise ValueError(f"unknown dataset {name!r}; built-in datasets: {', '.join(known_datasets())}")
+    parameters = inspect.signature(_BUILTINS[name]).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(options) - set(parameters))
+        if unknown:
+            raise ValueError(f"dataset {name!r} takes no option(s) {unknown}; it takes: {sorted(parameters)}")
+
+
+def builtin_source(name: str, **options: Any) -> MemorySource:
+    """A built-in dataset by name (``rotten_tomatoes``); options go to its loader (e.g. ``split``)."""
+    check_dataset_options(name, options)
     return MemorySource(_BUILTINS[name](**options), name=f"{name}({', '.join(f'{k}={v}' for k, v in options.items())})")
 
 

@@ -82,12 +82,9 @@ class SourceConfig(Section):
         if len(given) != 1:
             raise ValueError(f"give exactly one of path, builtin or records (got {given or 'none'})")
         if self.builtin is not None:
-            from peftkit.data.sources import known_datasets
+            from peftkit.data.sources import check_dataset_options
 
-            if self.builtin not in known_datasets():
-                raise ValueError(
-                    f"builtin={self.builtin!r} is not a built-in dataset; known: {', '.join(known_datasets())}"
-                )
+            check_dataset_options(self.builtin, self.options)
         if self.streaming and self.path is None:
             raise ValueError("streaming=true applies to files (path) only")
         if self.options and self.builtin is None:

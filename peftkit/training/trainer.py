@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,10 @@ class Trainer:
         self.eval_data, self.evaluate_fn = eval_data, evaluate
         self.hooks = gradient_hooks or GradientHooksConfig()
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        if config.eval_every and eval_data is None and evaluate is None:
+            raise ValueError(f"training.eval_every={config.eval_every} needs eval data or an evaluate function")
+        if config.checkpoint_every and self.output_dir is None:
+            raise ValueError(f"training.checkpoint_every={config.checkpoint_every} needs an output_dir")
         self.config_text, self.teachers = config_text, teachers or {}
         self.dist = dist or Distributed()
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -369,6 +374,13 @@ class Trainer:
         for name, adapter in self.model.adapters.items():
             if hasattr(adapter, "load_training_state_dict"):
                 adapter.load_training_state_dict(_under(saved.tensors, f"adapter/{name}/"))
+        if meta["schedule"] != self.schedule.state_dict():
+            warnings.warn(
+                f"resuming with a different learning-rate schedule: the checkpoint's was {meta['schedule']}, "
+                f"this run's is {self.schedule.state_dict()} (the config changed)",
+                UserWarning,
+                stacklevel=2,
+            )
         self.state.load_dict(meta["trainer"])
         self.callbacks.load_state_dict(meta["callbacks"])
         self.state.last_checkpoint = Path(path)

@@ -53,7 +53,8 @@ def test_existing_run_needs_resume_or_overwrite(config, capsys):
     assert main(["train", str(config), "--no-progress", "training.max_steps=4"]) == 0
     assert main(["train", str(config), "--no-progress"]) == 2
     assert "already holds checkpoints of a run: pass --resume" in " ".join(capsys.readouterr().out.split())
-    assert main(["train", str(config), "--no-progress", "--resume", "training.max_steps=6"]) == 0
+    with pytest.warns(UserWarning, match="different learning-rate schedule"):
+        assert main(["train", str(config), "--no-progress", "--resume", "training.max_steps=6"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert main(["train", str(config), "--no-progress", "--overwrite", "training.max_steps=2"]) == 0
 

@@ -111,6 +111,8 @@ def test_adapter_fields_are_checked_by_their_method():
         ({"callbacks": "[{name: early_stopping, mode: up}]"}, "mode must be 'min' or 'max', got 'up'"),
         ({"gradient_hooks.hooks": "[norms]"}, "unknown gradient hook(s) ['norms']; known: distribution, flow"),
         ({"data.train": "{path: a.jsonl, builtin: rotten_tomatoes}"}, "give exactly one of path, builtin or records"),
+        ({"data.train.options": "{split: dev, size: 3}"}, "dataset 'rotten_tomatoes' takes no option(s) ['size']"),
+        ({"data.train": "{builtin: imdb}"}, "unknown dataset 'imdb'; built-in datasets: rotten_tomatoes"),
     ],
 )
 def test_registry_names_list_the_known_ones(changes, expected):

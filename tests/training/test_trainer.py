@@ -254,3 +254,10 @@ def test_streamed_data_stops_after_its_epochs(tmp_path):
     result = Trainer(prompt_model(), stream, config, progress=False).train()
     # 3 batches per epoch (4 + 4 + 2 rows), 2 per step: steps may span an epoch boundary, never the end of the last
     assert (result.state.step, result.state.micro_batches, result.state.epoch) == (3, 6, 2)
+
+
+def test_cadences_that_cannot_run_are_errors():
+    with pytest.raises(ValueError, match="training.eval_every=2 needs eval data or an evaluate function"):
+        Trainer(prompt_model(), data(), quiet(max_steps=4, eval_every=2))
+    with pytest.raises(ValueError, match="training.checkpoint_every=2 needs an output_dir"):
+        Trainer(prompt_model(), data(), quiet(max_steps=4, checkpoint_every=2))
