@@ -25,6 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="where the adapter and summary go")
 
+    train = commands.add_parser(
+        "train",
+        help="train adapters as a YAML config says (any registered method; runs under torchrun too)",
+        description="Train the adapters a YAML run config describes. See docs/training.md for every field.",
+    )
+    train.add_argument("config", type=Path, help="the run config (YAML)")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. training.lr=3e-3"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--resume-from", type=Path, metavar="CHECKPOINT", help="continue from this checkpoint folder")
+    train.add_argument("--overwrite", action="store_true", help="delete output_dir's checkpoints and start over")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
     models = commands.add_parser("models", help="list or prepare the embedded base models")
     models_cmd = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_cmd.add_parser("list", help="embedded model aliases and whether they are cached")
@@ -34,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also come after flags: `train run.yaml --resume training.lr=1e-3`
+        if args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     console = Console()
     try:
         if args.command == "demo":
@@ -51,11 +71,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output=args.output,
             )
             run_demo(settings, console)
+        elif args.command == "train":
+            return _train(args, console)
         elif args.command == "models":
             return _models(args, console)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
+    return 0
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from peftkit.training.overrides import dump_run_config, load_run_config
+    from peftkit.training.run import run_training
+    from peftkit.training.trainer import TrainingDivergedError
+
+    config = load_run_config(args.config, args.overrides)
+    if args.print_config:
+        console.print(dump_run_config(config), highlight=False, markup=False, end="")
+        return 0
+    resume = args.resume_from or args.resume
+    try:
+        run_training(config, resume=resume, overwrite=args.overwrite, progress=not args.no_progress, console=console)
+    except TrainingDivergedError as exc:
+        console.print(f"[bold red]diverged:[/] {exc}", highlight=False)
+        return 3
     return 0
 
 

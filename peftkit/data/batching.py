@@ -33,14 +33,61 @@ def encode(tokenizer: Any, prompt: str, completion: str = "", max_length: int | 
 
     With ``max_length``, the prompt is truncated from the left so the completion always survives.
     """
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) if completion else []
-    if max_length is not None and len(prompt_ids) + len(completion_ids) > max_length:
-        keep = max_length - len(completion_ids)
-        if keep < 1:
-            raise ValueError(f"completion alone has {len(completion_ids)} tokens, more than max_length={max_length}")
-        prompt_ids = prompt_ids[-keep:]
-    return Encoded(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids)
+    segments = [(prompt, False), (completion, True)] if completion else [(prompt, False)]
+    return encode_segments(tokenizer, segments, max_length=max_length)
+
+
+def encode_segments(
+    tokenizer: Any,
+    segments: Sequence[tuple[str, bool]],
+    *,
+    add_special_tokens: bool = True,
+    max_length: int | None = None,
+    truncation: str = "left",
+) -> Encoded:
+    """Tokenise ``(text, trained)`` segments one by one and concatenate them.
+
+    Tokens of a trained segment keep their id as label; the others get ``-100``. The first token's
+    label is always ``-100``: nothing before it predicts it. ``add_special_tokens`` applies to the
+    first segment only (e.g. a BOS token).
+
+    Args:
+        max_length: longest allowed example. ``truncation="left"`` drops the oldest tokens but never
+            the last trained segment (an error if it alone is too long), ``"right"`` cuts the end.
+    """
+    if truncation not in ("left", "right"):
+        raise ValueError(f"truncation must be 'left' or 'right', got {truncation!r}")
+    ids: list[int] = []
+    labels: list[int] = []
+    last_trained = (-1, 0)  # (start, length) of the last trained segment
+    for text, trained in segments:
+        if not text:
+            continue
+        special = add_special_tokens and not ids
+        piece = list(tokenizer(text, add_special_tokens=special)["input_ids"]) if special else _plain(tokenizer, text)
+        if trained and piece:
+            last_trained = (len(ids), len(piece))
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    if max_length is not None and len(ids) > max_length:
+        drop = len(ids) - max_length
+        if truncation == "right":
+            ids, labels = ids[:max_length], labels[:max_length]
+        else:
+            start, length = last_trained
+            if start >= 0 and drop >= start:
+                raise ValueError(
+                    f"completion alone has {length} tokens, too many for max_length={max_length} "
+                    "(at least one prompt token must remain)"
+                )
+            ids, labels = ids[drop:], labels[drop:]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return Encoded(ids, labels)
+
+
+def _plain(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def collate(examples: Sequence[Encoded], pad_token_id: int, padding_side: str = "left") -> dict[str, Tensor]:

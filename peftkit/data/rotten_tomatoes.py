@@ -19,6 +19,8 @@ from pathlib import Path
 
 DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = {"fresh": "positive", "rotten": "negative"}
+PROMPT_TEMPLATE = "Review: {text}\nIs this movie review positive or negative? Answer:"
+"""The demo's prompt (and the ``rotten_tomatoes`` formatter's); the answer is `` positive`` or `` negative``."""
 
 
 @dataclass(frozen=True)
@@ -59,3 +61,19 @@ def train_test_split(reviews: list[Review], test_size: int = 400, seed: int = 0)
     shuffled = list(reviews)
     random.Random(seed).shuffle(shuffled)
     return shuffled[test_size:], shuffled[:test_size]
+
+
+def load_records(split: str = "train", test_size: int = 400, seed: int = 0) -> list[dict[str, str]]:
+    """Reviews as records ``{"text", "label", "movie"}`` for the training data pipeline.
+
+    Args:
+        split: ``"train"`` or ``"test"`` (the demo's split: ``test_size`` held out with ``seed``),
+            or ``"all"`` (file order).
+    """
+    reviews = load_reviews()
+    if split != "all":
+        if split not in ("train", "test"):
+            raise ValueError(f"rotten_tomatoes split must be 'train', 'test' or 'all', got {split!r}")
+        train, test = train_test_split(reviews, test_size=test_size, seed=seed)
+        reviews = train if split == "train" else test
+    return [{"text": r.text, "label": r.label, "movie": r.movie} for r in reviews]

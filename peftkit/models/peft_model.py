@@ -19,7 +19,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -290,7 +290,7 @@ class PeftModel(nn.Module):
         *,
         adapter_names: Sequence[str] | None = None,
         use_cache: bool = False,
-        return_logits: bool = True,
+        return_logits: bool | Literal["labelled"] = True,
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
@@ -303,7 +303,11 @@ class PeftModel(nn.Module):
             adapter_names: one adapter name per row (``"__base__"`` = no adapter) for mixed batches.
             use_cache: return the attention cache (it includes virtual positions).
             return_logits: ``False`` skips the vocabulary projection everywhere except at labelled
-                positions (a training fast path): ``logits`` is then ``None``.
+                positions (a training fast path): ``logits`` is then ``None``. ``"labelled"`` takes the
+                same path and returns those logits, ``(T, V)`` for the ``T`` labelled targets in
+                row-major order (as ``labels[:, 1:][labels[:, 1:] != -100]`` when the first token
+                carries no label), and hidden states (if requested) as ``(T, D)`` per layer at the
+                same positions: what distillation and hidden-state losses need.
             logits_to_keep: without labels, compute logits for the last ``k`` user tokens only
                 (``0`` = all), as in Hugging Face models.
 
@@ -341,7 +345,7 @@ class PeftModel(nn.Module):
         inputs: ModelInputs,
         *,
         use_cache: bool = False,
-        return_logits: bool = True,
+        return_logits: bool | Literal["labelled"] = True,
         logits_to_keep: int = 0,
         cache: Any = None,
         **kwargs: Any,
@@ -355,10 +359,11 @@ class PeftModel(nn.Module):
             if self.training and is_checkpointing(self.base_model):
                 guard = cache_survives_checkpointing(self.base_model)
         predicting = inputs.prediction_mask()
+        labelled = return_logits == "labelled"
         if predicting is None:
             keep: int | Tensor = inputs.user_positions[:, -logits_to_keep:] if logits_to_keep else inputs.user_positions
         else:
-            keep = 0 if return_logits else predicting
+            keep = predicting if labelled or not return_logits else 0
         with guard:
             out = self.base_model(
                 inputs_embeds=inputs.inputs_embeds,
@@ -369,17 +374,22 @@ class PeftModel(nn.Module):
                 logits_to_keep=keep,
                 **kwargs,
             )
-        logits, loss = out.logits, None
+        logits, loss, hidden_states = out.logits, None, out.hidden_states
         if predicting is not None:
             targets = inputs.next_token_targets()[predicting]
-            scored = logits[predicting] if return_logits else logits
+            scored = logits if keep is predicting else logits[predicting]  # (T, V)
             loss = F.cross_entropy(scored.float(), targets)
-            logits = user_logits(logits, inputs.user_positions) if return_logits else None
+            if labelled:
+                logits = scored
+                if hidden_states is not None:
+                    hidden_states = tuple(h[predicting] for h in hidden_states)  # each (T, D)
+            else:
+                logits = user_logits(logits, inputs.user_positions) if return_logits else None
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=out.cache if use_cache else None,
-            hidden_states=out.hidden_states,
+            hidden_states=hidden_states,
             attentions=out.attentions,
         )
 

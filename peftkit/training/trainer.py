@@ -1,0 +1,403 @@
+"""The training loop: one optimiser step at a time, callbacks at named events.
+
+One step, read top to bottom (:meth:`Trainer.train_step`):
+
+1. count the label tokens of the step's micro-batches, summed over processes: ``N``;
+2. for each micro-batch: forward with logits at labelled positions only, loss = Σ over its
+   labelled tokens, backward of ``loss / N`` (gradients accumulate, so accumulating 4 × 2 rows
+   is one batch of 8 rows, and N processes are one process);
+3. sum the trainable gradients and the loss sums over processes (one ``all_reduce``);
+4. a non-finite loss or gradient stops the run here, before the update; the last checkpoint stays;
+5. gradient hooks (opt-in) on the finished gradients, clipping, learning rate for this step,
+   ``optimizer.step()``, then ``model.after_optimizer_step(step)`` (AdaLoRA's budget and the like).
+
+Around it, :meth:`Trainer.train` logs metrics, fires callbacks, evaluates and checkpoints at their
+cadence, and writes the final adapter, a checkpoint and the loss curve at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import Tensor
+
+from peftkit.data.pipeline import Batch, TokenizedData
+from peftkit.methods.base import IGNORE_INDEX
+from peftkit.training import checkpoint as ckpt
+from peftkit.training.callbacks import Callback, CallbackList, TrainerState
+from peftkit.training.config import GradientHooksConfig, TrainingConfig
+from peftkit.training.distributed import Distributed
+from peftkit.training.gradients import run_gradient_hooks
+from peftkit.training.losses import CompositeLoss, CrossEntropy, LossInputs
+from peftkit.training.optim import LRSchedule, build_optimizer
+from peftkit.training.records import CURVE_FILE, MetricsLog, TrainingProgress, plot_loss_curve, read_metrics
+
+Evaluator = Callable[[Any], dict[str, float]]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient became NaN/inf; the update was not applied."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did."""
+
+    state: TrainerState
+    losses: list[float] = field(default_factory=list)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    adapter_dir: Path | None = None
+    session_tokens: int = 0
+    session_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.session_tokens / self.session_seconds if self.session_seconds else 0.0
+
+
+class Trainer:
+    """Trains the trainable parameters of a :class:`~peftkit.PeftModel`.
+
+    Args:
+        model: the adapted model; every parameter with ``requires_grad`` is optimised.
+        data: a :class:`~peftkit.data.pipeline.TokenizedData` (resumable), or any iterable of
+            batches ``{"input_ids", "attention_mask", "labels"}`` (then ``max_steps`` is needed).
+        config: optimisation, schedule, cadence, precision.
+        loss: the loss (default: cross-entropy).
+        eval_data: held-out data; its loss is ``eval/loss``.
+        evaluate: ``evaluate(model) -> {name: value}`` run at the eval cadence (in eval mode,
+            without gradients); its results are logged under ``eval/`` and passed to
+            ``on_evaluate`` (where e.g. early stopping or a best-checkpoint callback reads them).
+        output_dir: where checkpoints, metrics and the final adapter go (``None``: nothing written).
+        config_text: the resolved run config, written beside every checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        data: TokenizedData | Iterable[dict[str, Tensor]],
+        config: TrainingConfig,
+        *,
+        loss: CompositeLoss | None = None,
+        callbacks: Sequence[Callback] = (),
+        eval_data: TokenizedData | None = None,
+        evaluate: Evaluator | None = None,
+        gradient_hooks: GradientHooksConfig | None = None,
+        output_dir: str | Path | None = None,
+        config_text: str | None = None,
+        dist: Distributed | None = None,
+        teachers: dict[str, Any] | None = None,
+        progress: bool = True,
+        description: str = "training",
+        tensorboard: bool = False,
+        console: Console | None = None,
+    ) -> None:
+        self.model, self.data, self.config = model, data, config
+        self.loss = loss or CompositeLoss([("cross_entropy", 1.0, CrossEntropy())])
+        self.callbacks = CallbackList(callbacks)
+        self.eval_data, self.evaluate_fn = eval_data, evaluate
+        self.hooks = gradient_hooks or GradientHooksConfig()
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if config.eval_every and eval_data is None and evaluate is None:
+            raise ValueError(f"training.eval_every={config.eval_every} needs eval data or an evaluate function")
+        if config.checkpoint_every and self.output_dir is None:
+            raise ValueError(f"training.checkpoint_every={config.checkpoint_every} needs an output_dir")
+        self.config_text, self.teachers = config_text, teachers or {}
+        self.dist = dist or Distributed()
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (is the adapter frozen?)")
+        self.device = self.params[0][1].device
+        self.optimizer = build_optimizer(config.optimizer, [p for _, p in self.params], config)
+        self.state = TrainerState()
+        self.per_epoch = data.batches_per_epoch() if isinstance(data, TokenizedData) else None
+        self.state.total_steps = self._total_steps()
+        warmup = config.warmup_steps or round((config.warmup_ratio or 0.0) * self.state.total_steps)
+        self.schedule = LRSchedule(config.lr, self.state.total_steps, warmup, config.scheduler, config.min_lr_ratio)
+        writes = self.dist.is_main and self.output_dir is not None
+        self.metrics = MetricsLog(self.output_dir if writes else None, tensorboard and writes)
+        self.progress = TrainingProgress(self.state.total_steps, description, progress and self.dist.is_main, console)
+        self.result = TrainResult(self.state)
+
+    def _total_steps(self) -> int:
+        """Optimiser steps of the run: ``max_steps``, or what ``epochs`` (default 1) amount to, whichever is
+        fewer. Streamed data (unknown length) needs ``max_steps``; ``epochs`` then still stops it early."""
+        epochs, max_steps = self.config.epochs, self.config.max_steps
+        if self.per_epoch is None:
+            if max_steps is None:
+                raise ValueError("training.max_steps is required when the number of batches is unknown (streamed data)")
+            return max_steps
+        if epochs is None and max_steps is not None:
+            return max_steps
+        steps = math.ceil((epochs or 1) * self.per_epoch / self.config.gradient_accumulation_steps)
+        return min(steps, max_steps) if max_steps is not None else steps
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from: str | Path | None = None) -> TrainResult:
+        """Run until ``total_steps``, the end of the epochs, or a callback's stop request."""
+        state, config = self.state, self.config
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        elif self.dist.is_main:
+            self.metrics.start_fresh()
+        self.dist.broadcast_parameters([p for _, p in self.params])
+        batches = self._batches()
+        self.model.train()
+        self.callbacks.on_train_begin(state)
+        last_eval = last_checkpoint = -1
+        with self.progress:
+            while state.step < state.total_steps and not state.should_stop and not self._epochs_done():
+                micro = self._next_micro_batches(batches)
+                if not micro:
+                    break
+                metrics = self.train_step(micro)
+                if state.step % config.log_every == 0 or state.step == state.total_steps:
+                    self.metrics.write(metrics)
+                self.callbacks.on_step_end(state, metrics)
+                if any(b.epoch_end for b in micro):
+                    state.epoch += 1
+                    self.callbacks.on_epoch_end(state)
+                if config.eval_every and state.step % config.eval_every == 0 and self._can_evaluate():
+                    self.evaluate()
+                    last_eval = state.step
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_checkpoint = state.step
+                state.should_stop = not self.dist.all_agree(not state.should_stop)
+        if config.eval_at_end and self._can_evaluate() and last_eval != state.step:
+            self.evaluate()
+        if self.output_dir is not None:
+            if last_checkpoint != state.step:
+                self.save_checkpoint()
+            self._write_final_outputs()
+        self.model.eval()
+        self.callbacks.on_train_end(state)
+        return self.result
+
+    def train_step(self, micro: Sequence[Batch]) -> dict[str, Any]:
+        """One optimiser step over ``micro`` (this process's share of each micro-batch)."""
+        state, start = self.state, time.perf_counter()
+        local = [sum(b.num_label_tokens for b in micro), sum(b.num_tokens for b in micro)]
+        counts = self.dist.sum_(torch.tensor(local, dtype=torch.float64))
+        label_tokens, tokens = int(counts[0]), int(counts[1])
+        if label_tokens == 0:
+            raise ValueError(f"step {state.step + 1}: its micro-batches have no labelled token")
+        sums = torch.zeros(len(self.loss.names), dtype=torch.float64)
+        for batch in micro:
+            if batch.rows == 0:  # a short last batch left this process no rows
+                continue
+            with self._autocast():
+                total, parts = self.loss(self._loss_inputs(batch))
+            (total / label_tokens).backward()
+            sums += torch.stack([parts[n].double().cpu() for n in self.loss.names])
+        sums = self.dist.sum_gradients_and([p for _, p in self.params], sums)
+        components = {name: (sums[i] / label_tokens).item() for i, name in enumerate(self.loss.names)}
+        loss = sum(w * components[n] for n, w, _ in self.loss.components)
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(self._divergence(f"the loss became {loss}", components))
+        gradient_stats: dict[str, Any] = {}
+        if self.hooks.hooks and self.dist.is_main and state.step % self.hooks.every == 0:
+            gradient_stats = run_gradient_hooks(self.hooks.hooks, [(n, p.grad) for n, p in self.params], self.hooks)
+        grads = [p.grad for _, p in self.params if p.grad is not None]
+        if self.config.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.config.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(grad_norm):
+            raise TrainingDivergedError(self._divergence(f"the gradient norm became {grad_norm}", components))
+        lr = self.schedule.apply(self.optimizer, state.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step(state.step)
+
+        seconds = time.perf_counter() - start
+        state.step += 1
+        state.micro_batches += len(micro)
+        state.tokens += tokens
+        state.label_tokens += label_tokens
+        state.train_seconds += seconds
+        if micro[-1].position is not None:
+            state.data_position = micro[-1].position
+        self.result.losses.append(loss)
+        self.result.session_tokens += tokens
+        self.result.session_seconds += seconds
+        epoch = state.micro_batches / self.per_epoch if self.per_epoch else state.epoch
+        metrics: dict[str, Any] = {"step": state.step, "epoch": round(epoch, 4), "train/loss": loss}
+        if len(components) > 1:
+            metrics.update({f"train/loss/{n}": v for n, v in components.items()})
+        metrics.update({"train/lr": lr, "train/grad_norm": grad_norm, "train/tokens": state.tokens})
+        metrics.update({"train/label_tokens": state.label_tokens, "train/tokens_per_second": tokens / seconds})
+        metrics.update(gradient_stats)
+        self.progress.update(state.step, loss, lr, self.result.tokens_per_second)
+        return metrics
+
+    def _loss_inputs(self, batch: Batch) -> LossInputs:
+        tensors = {k: v.to(self.device) for k, v in batch.tensors.items()}
+        out = self.model(**tensors, return_logits="labelled", output_hidden_states=self.loss.needs_hidden_states)
+        following = tensors["labels"][:, 1:]
+        targets = following[following != IGNORE_INDEX]
+        if out.logits.shape[0] != targets.numel():
+            raise ValueError("labels on a row's first token are not supported (nothing predicts it); mask them")
+        return LossInputs(self.model, tensors, out.logits, targets, out.hidden_states, self.teachers)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batches(self) -> Iterator[Batch]:
+        if isinstance(self.data, TokenizedData):
+            return self.data.batches(self.state.data_position)
+        return (Batch.from_tensors(t) for t in self.data)
+
+    def _epochs_done(self) -> bool:
+        return self.config.epochs is not None and self.state.epoch >= self.config.epochs
+
+    def _next_micro_batches(self, batches: Iterator[Batch]) -> list[Batch]:
+        """The step's micro-batches: ``gradient_accumulation_steps`` of them, fewer at the end of the last epoch."""
+        micro: list[Batch] = []
+        epochs_left = None if self.config.epochs is None else self.config.epochs - self.state.epoch
+        for batch in batches:
+            micro.append(batch)
+            if batch.epoch_end and epochs_left is not None:
+                epochs_left -= 1
+                if epochs_left == 0:
+                    break
+            if len(micro) == self.config.gradient_accumulation_steps:
+                break
+        return micro
+
+    def _divergence(self, what: str, components: dict[str, float]) -> str:
+        last = self.state.last_checkpoint
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in components.items())
+        return (
+            f"training stopped at step {self.state.step + 1}: {what} ({parts}); the update was not applied and "
+            f"{kept}. Lower training.lr, set training.max_grad_norm, or check the data, then resume with --resume."
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def _can_evaluate(self) -> bool:
+        return self.eval_data is not None or self.evaluate_fn is not None
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss on ``eval_data`` (label-token weighted) plus the ``evaluate`` function's results."""
+        was_training = self.model.training
+        self.model.eval()
+        metrics: dict[str, float] = {}
+        if self.eval_data is not None:
+            sums = torch.zeros(2, dtype=torch.float64)
+            for batch in self.eval_data.one_pass():
+                if batch.rows:
+                    with self._autocast():
+                        inputs = self._loss_inputs(batch)
+                    sums[0] += float(CrossEntropy()(inputs).double().sum())
+                    sums[1] += inputs.targets.numel()
+            sums = self.dist.sum_(sums)
+            metrics["eval/loss"] = (sums[0] / sums[1]).item()
+            metrics["eval/label_tokens"] = int(sums[1])
+        if self.evaluate_fn is not None:
+            for key, value in self.evaluate_fn(self.model).items():
+                metrics[key if key.startswith("eval/") else f"eval/{key}"] = float(value)
+        self.model.train(was_training)
+        self.result.eval_metrics = metrics
+        self.metrics.write({"step": self.state.step, **metrics})
+        self.callbacks.on_evaluate(self.state, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return self.output_dir / "checkpoints" if self.output_dir is not None else None
+
+    def save_checkpoint(self) -> Path | None:
+        """Write the whole training state (rank 0); every process then hears ``on_checkpoint``."""
+        if self.checkpoint_root is None:
+            return None
+        rng = self.dist.gather(ckpt.capture_rng())
+        path = self.checkpoint_root / ckpt.checkpoint_name(self.state.step)
+        if self.dist.is_main:
+            optim_meta, optim_tensors = ckpt.optimizer_state(self.optimizer)
+            tensors = {**ckpt.trainable_tensors(self.params), **optim_tensors}
+            for rank, (_, rng_tensors) in enumerate(rng):
+                tensors.update({f"rng/rank{rank}/{k}": v for k, v in rng_tensors.items()})
+            for name, adapter in self.model.adapters.items():
+                if hasattr(adapter, "training_state_dict"):
+                    tensors.update({f"adapter/{name}/{k}": v for k, v in adapter.training_state_dict().items()})
+            meta = {
+                "trainer": self.state.to_dict(),
+                "schedule": self.schedule.state_dict(),
+                "optimizer": optim_meta,
+                "rng": [states for states, _ in rng],
+                "callbacks": self.callbacks.state_dict(),
+                "param_names": [n for n, _ in self.params],
+                "world_size": self.dist.world_size,
+                "resumable_data": isinstance(self.data, TokenizedData),
+            }
+            ckpt.write_checkpoint(
+                self.checkpoint_root,
+                self.state.step,
+                model=self.model,
+                meta=meta,
+                tensors=tensors,
+                config_text=self.config_text,
+                keep=self.config.keep_checkpoints,
+            )
+        self.dist.barrier()
+        self.state.last_checkpoint = path
+        self.callbacks.on_checkpoint(self.state, path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; the next step is the one after it."""
+        saved = ckpt.read_checkpoint(path)
+        meta = saved.meta
+        if meta["world_size"] != self.dist.world_size:
+            raise ValueError(
+                f"{path} was written by {meta['world_size']} process(es); resume it with the same number "
+                f"(this run has {self.dist.world_size})"
+            )
+        if not meta["resumable_data"] or not isinstance(self.data, TokenizedData):
+            raise ValueError(f"{path}: resuming needs a data pipeline with a saved position (TokenizedData)")
+        ckpt.load_trainable_tensors(self.params, saved.tensors)
+        ckpt.load_optimizer_state(self.optimizer, meta["optimizer"], saved.tensors)
+        for name, adapter in self.model.adapters.items():
+            if hasattr(adapter, "load_training_state_dict"):
+                adapter.load_training_state_dict(_under(saved.tensors, f"adapter/{name}/"))
+        if meta["schedule"] != self.schedule.state_dict():
+            warnings.warn(
+                f"resuming with a different learning-rate schedule: the checkpoint's was {meta['schedule']}, "
+                f"this run's is {self.schedule.state_dict()} (the config changed)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.state.load_dict(meta["trainer"])
+        self.callbacks.load_state_dict(meta["callbacks"])
+        self.state.last_checkpoint = Path(path)
+        self.metrics.truncate_after(self.state.step)
+        rank = self.dist.rank
+        ckpt.restore_rng(meta["rng"][rank], _under(saved.tensors, f"rng/rank{rank}/"))
+
+    def _write_final_outputs(self) -> None:
+        assert self.output_dir is not None
+        if self.dist.is_main:
+            self.model.save_pretrained(self.output_dir / "adapter")
+            self.result.adapter_dir = self.output_dir / "adapter"
+            if self.metrics.path is not None and self.metrics.path.is_file():
+                plot_loss_curve(read_metrics(self.metrics.path), self.output_dir / CURVE_FILE)
+            self.metrics.close()
+        self.dist.barrier()
+
+
+def _under(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
