@@ -150,7 +150,8 @@ class AdaptsDuringTraining(Protocol):
     """Optional: adapters that change shape or budget as training runs (AdaLoRA)."""
 
     def after_optimizer_step(self, global_step: int) -> None:
-        """Called by the training loop after every optimiser step (``global_step`` counts from 0)."""
+        """Called by the training loop after every ``optimizer.step()`` and *before* ``zero_grad()``
+        (the gradients are still there); ``global_step`` counts from 0."""
         ...
 
 

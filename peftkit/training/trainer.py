@@ -216,8 +216,8 @@ class Trainer:
             raise TrainingDivergedError(self._divergence(f"the gradient norm became {grad_norm}", components))
         lr = self.schedule.apply(self.optimizer, state.step)
         self.optimizer.step()
+        self.model.after_optimizer_step(state.step)  # before zero_grad: AdaLoRA reads the gradients
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.after_optimizer_step(state.step)
 
         seconds = time.perf_counter() - start
         state.step += 1

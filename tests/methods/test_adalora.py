@@ -198,3 +198,21 @@ def test_init_r_larger_than_a_dimension(llama):
     assert model.adapters["default"].num_parameters() == 2 * 40 * (32 + 16 + 1)
     train(model, steps=4)
     assert sum(model.adapters["default"].ranks().values()) == 40
+
+
+def test_training_state_round_trip_restores_the_allocator(char_tokenizer):
+    """The checkpoint hook carries the smoothed sensitivities and the kept pattern exactly."""
+    torch.manual_seed(0)
+    trained = get_peft_model(tiny_model("llama"), config(total_step=6, tinit=0, tfinal=2))
+    examples = [encode(char_tokenizer, f"q{i}", "z") for i in range(8)]
+    fit(trained, batches_forever(examples, 4, 0), steps=5, lr=1e-2, warmup_steps=1, progress=False)
+    source = trained.adapters["default"]
+    fresh = get_peft_model(tiny_model("llama"), config(total_step=6, tinit=0, tfinal=2)).adapters["default"]
+    fresh.load_training_state_dict(source.training_state_dict())
+    assert fresh.config.rank_pattern == source.config.rank_pattern
+    assert source.allocator.exp_avg_ipt.keys() == fresh.allocator.exp_avg_ipt.keys()
+    for key, value in source.allocator.exp_avg_ipt.items():
+        assert torch.equal(fresh.allocator.exp_avg_ipt[key], value)
+        assert torch.equal(fresh.allocator.exp_avg_unc[key], source.allocator.exp_avg_unc[key])
+    with pytest.raises(KeyError, match="unexpected AdaLoRA training state"):
+        fresh.load_training_state_dict({"bogus/x": torch.zeros(1)})

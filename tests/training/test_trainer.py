@@ -218,6 +218,35 @@ def test_resume_in_process_is_bit_identical(tmp_path):
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
 
 
+@pytest.mark.parametrize("crash_at", [5, 9], ids=["while-allocating", "final-phase"])
+def test_adalora_resume_is_bit_identical(tmp_path, crash_at):
+    """AdaLoRA's allocator state travels in the checkpoint: resumed at step 4 the smoothed sensitivities
+    decide the next pruning; resumed at step 8 (final phase) the kept-rank pattern must be re-applied."""
+    from peftkit import AdaLoraConfig, get_peft_model
+    from tests.conftest import tiny_model
+
+    adalora = AdaLoraConfig(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=3, deltaT=1, target_modules=["q_proj"])
+    config = quiet(max_steps=10, checkpoint_every=2, lr=0.01)
+
+    def make(output, crash_at):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model("llama"), adalora)
+        return Trainer(model, data(n=20), config, callbacks=[Crash(crash_at)], output_dir=output, progress=False)
+
+    straight = make(tmp_path / "a", crash_at=-1)
+    straight.train()
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path / "b", crash_at=crash_at).train()
+    resumed = make(tmp_path / "b", crash_at=-1)
+    resumed.train(resume_from=ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints"))
+    ours, theirs = straight.model.adapters["default"], resumed.model.adapters["default"]
+    assert ours.ranks() == theirs.ranks()
+    assert sum(ours.ranks().values()) == 2 * len(ours.ranks())  # pruned to target_r
+    theirs_tensors = theirs.named_tensors()
+    for name, value in ours.named_tensors().items():
+        assert torch.equal(value, theirs_tensors[name]), name
+
+
 def test_resuming_with_different_adapters_is_refused(tmp_path):
     Trainer(prompt_model(), data(), quiet(max_steps=2, checkpoint_every=2), output_dir=tmp_path, progress=False).train()
     other = Trainer(prompt_model(tokens=6), data(), quiet(max_steps=4), progress=False)

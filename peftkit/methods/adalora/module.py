@@ -99,6 +99,32 @@ class AdaLora(WeightAdapter):
 
     update_and_allocate = after_optimizer_step
 
+    def training_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint needs beyond the weights for an exact resume: the allocator's smoothed
+        sensitivity / uncertainty and the kept-triplet pattern (re-applied in the final phase)."""
+        allocator = self.allocator
+        state = {f"exp_avg_ipt/{k}": v.detach() for k, v in allocator.exp_avg_ipt.items()}
+        state.update({f"exp_avg_unc/{k}": v.detach() for k, v in allocator.exp_avg_unc.items()})
+        for key, kept in (self.config.rank_pattern or {}).items():
+            state[f"rank_pattern/{key}"] = torch.tensor(kept, dtype=torch.bool)
+        return state
+
+    def load_training_state_dict(self, state: dict[str, Tensor]) -> None:
+        allocator = self.allocator
+        allocator.reset()
+        pattern: dict[str, list[bool]] = {}
+        for key, value in state.items():
+            kind, _, name = key.partition("/")
+            if kind == "exp_avg_ipt":
+                allocator.exp_avg_ipt[name] = value.clone()
+            elif kind == "exp_avg_unc":
+                allocator.exp_avg_unc[name] = value.clone()
+            elif kind == "rank_pattern":
+                pattern[name] = value.tolist()
+            else:
+                raise KeyError(f"unexpected AdaLoRA training state {key!r}")
+        self.config.rank_pattern = pattern or None
+
     def ranks(self) -> dict[str, int]:
         """Module path → number of singular triplets still in use (non-zero ``Λ``)."""
         return {path: int((parts["lora_E"] != 0).sum()) for path, parts in self.parts.items()}
