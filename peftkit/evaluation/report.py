@@ -76,7 +76,7 @@ class VariantResult:
         return result.details["confusion_matrix"] if result else None
 
     def summary_line(self) -> str:
-        shown = ", ".join(f"{k} {fmt(v)}" for k, v in self.values.items() if "/" not in k)
+        shown = ", ".join(f"{k} {fmt(v)}" for k, v in self.values.items() if "/" not in k and not k.endswith("_micro"))
         speed = f"{self.examples} examples, {self.seconds:.1f} s, {self.examples_per_second:.1f} examples/s"
         return f"{self.name}: {shown or 'no scalar metric'} ({speed})"
 
