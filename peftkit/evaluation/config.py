@@ -92,7 +92,8 @@ class PredictionConfig(Section):
         if mode == "choices":
             if self.choices is None:
                 raise ValueError("mode choices needs choices (the candidate continuations)")
-            given = sorted(f for f in generation_only if f in self.model_fields_set)
+            defaults = {f: type(self).model_fields[f].get_default(call_default_factory=True) for f in generation_only}
+            given = sorted(f for f in generation_only if getattr(self, f) != defaults[f])
             if given:
                 verb = "applies" if len(given) == 1 else "apply"
                 raise ValueError(f"{', '.join(given)} {verb} to mode generate only (mode is choices)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,17 @@ class Evaluation:
         else:
             used = (adapters,) if isinstance(adapters, str) else tuple(adapters)
         return VariantResult(name, used, predictions, self.score(predictions), seconds)
+
+    def evaluator(self, *, per_class: bool = False) -> Callable[[Any], dict[str, float]]:
+        """An ``evaluate(model) -> {name: value}`` function for the trainer: this task on the model's
+        active adapters; undefined values left out, per-class values (``f1/positive``) only with
+        ``per_class``."""
+
+        def evaluate(model: Any) -> dict[str, float]:
+            values = self.run(model, name="eval", progress=False).values
+            return {k: v for k, v in values.items() if v is not None and (per_class or "/" not in k)}
+
+        return evaluate
 
     def compare(
         self,

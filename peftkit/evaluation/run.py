@@ -110,6 +110,13 @@ class EvalConfig(Section):
                 import_user_module(str(name))
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _no_training_options(cls, value: ModelConfig) -> ModelConfig:
+        if value.gradient_checkpointing:
+            raise ValueError("model.gradient_checkpointing applies to training only")
+        return value
+
     @field_validator("variants")
     @classmethod
     def _valid_variants(cls, value: dict[str, Any]) -> dict[str, Any]:

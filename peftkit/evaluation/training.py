@@ -38,13 +38,10 @@ def task_evaluator(config: Any, tokenizer: Any, previous: Evaluator | None = Non
         config.training.batch_size, max_length=data.max_length, chat_template=section.prediction.chat_template,
     )  # fmt: skip
 
+    task_values = task.evaluator(per_class=section.per_class)
+
     def evaluate(model: Any) -> dict[str, float]:
-        result = task.run(model, name="eval", progress=False)
-        values = {
-            key: value
-            for key, value in result.values.items()
-            if value is not None and (section.per_class or "/" not in key)
-        }
+        values = task_values(model)
         if previous is not None:
             values.update(previous(model))
         return values

@@ -86,6 +86,8 @@ def test_print_config_and_overrides_only(config, tiny_folder, tmp_path, capsys):
     assert main(["eval", str(config), "--print-config", "data.eval.limit=3"]) == 0
     out = capsys.readouterr().out
     assert "limit: 3" in out and "mode: choices" in out
+    (tmp_path / "resolved.yaml").write_text(out)  # the resolved config reads back as the same config
+    assert load_eval_config(tmp_path / "resolved.yaml") == load_eval_config(config, ["data.eval.limit=3"])
     overrides = [
         f"model.name={tiny_folder}", f"data.eval={tiny_folder / 'train.jsonl'}", "data.eval.limit=4",
         f"prediction.choices={json.dumps(CHOICES)}", f"output_dir={tmp_path / 'flags'}",
