@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rich.progress import Progress
 
 from peftkit.data.batching import Encoded, collate
-from peftkit.evaluation.scoring import length_batches, pad_id
+from peftkit.evaluation.scoring import length_batches, pad_id, progress_bar
 
 GRAMMARS = ("json", "json_schema")
 
@@ -82,7 +81,7 @@ def generate_texts(
     if settings.temperature > 0:
         sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
         sampling["top_k"] = settings.top_k
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(prompts))
         for number, rows in enumerate(length_batches([len(p) for p in prompts], batch_size)):
             batch = collate([prompts[i] for i in rows], pad, padding_side="left")

@@ -140,18 +140,26 @@ class EvalConfig(Section):
             metric_keys(info.data["prediction"], value)
         return value
 
-    @model_validator(mode="after")
-    def _known_targets(self) -> EvalConfig:
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[Any], info: ValidationInfo) -> list[Any]:
         targets = []
-        for i, spec in enumerate(self.targets):
+        for i, spec in enumerate(value):
             try:
                 targets.append(parse_target(spec))
             except ValueError as exc:
                 raise ValueError(f"targets.{i}: {exc}") from None
-        check_targets(targets, metric_keys(self.prediction, self.metrics), list(self.variants))
-        if self.training_run is not None and not (Path(self.training_run) / "metrics.jsonl").is_file():
-            raise ValueError(f"training_run: {self.training_run} holds no metrics.jsonl (not a training run folder)")
-        return self
+        if {"prediction", "metrics", "variants"} <= set(info.data):  # else their own errors are reported
+            known = metric_keys(info.data["prediction"], info.data["metrics"])
+            check_targets(targets, known, list(info.data["variants"]))
+        return value
+
+    @field_validator("training_run")
+    @classmethod
+    def _a_training_run(cls, value: str | None) -> str | None:
+        if value is not None and not (Path(value) / "metrics.jsonl").is_file():
+            raise ValueError(f"{value} holds no metrics.jsonl (not a training run folder)")
+        return value
 
     def variant_adapters(self) -> tuple[dict[str, Path], dict[str, list[str] | None]]:
         """Adapter name → folder (each folder loaded once), and variant → the adapter names it activates."""

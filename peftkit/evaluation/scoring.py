@@ -12,11 +12,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from rich import get_console
 from rich.progress import Progress
 from torch import Tensor
 
 from peftkit.data.batching import Encoded, bucketed_order, collate, encode
 from peftkit.methods.base import IGNORE_INDEX
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """A transient progress bar; off when disabled or when the output is not a terminal (where rich
+    would leave an empty line behind)."""
+    return Progress(disable=not enabled or not get_console().is_terminal, transient=True)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -51,7 +58,7 @@ def choice_log_likelihoods(
     single = all(len(ids) == 1 for ids in choice_ids)
     encoded = [p if isinstance(p, Encoded) else encode(tokenizer, p) for p in prompts]
     scores = torch.empty(len(prompts), len(choices))
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(prompts))
         for rows in length_batches([len(e) for e in encoded], batch_size):
             if single:
@@ -87,7 +94,7 @@ def reference_log_likelihoods(
     examples = [continued(p, r) for p, r in zip(prompts, ids, strict=True)]
     sums = torch.zeros(len(prompts), dtype=torch.float64)
     counts = torch.tensor([len(r) for r in ids])
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(prompts))
         for rows in length_batches([len(e) for e in examples], batch_size):
             sums[rows] = sequence_log_likelihoods(model, collate([examples[i] for i in rows], pad))[0]
