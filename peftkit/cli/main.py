@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="compare the base model and adapters on metrics and quality targets (exit 1 if a target fails)",
+        description="Evaluate the variants a YAML eval config lists. See docs/evaluation.md for every field.",
+    )
+    evaluate.add_argument("config", nargs="?", type=Path, help="the eval config (YAML); optional with overrides")
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. data.eval.limit=50"
+    )
+    evaluate.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    evaluate.add_argument("--no-progress", action="store_true", help="no live progress bars")
+
     models = commands.add_parser("models", help="list or prepare the embedded base models")
     models_cmd = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_cmd.add_parser("list", help="embedded model aliases and whether they are cached")
@@ -52,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also come after flags: `train run.yaml --resume training.lr=1e-3`
-        if args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "eval") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     console = Console()
@@ -73,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(settings, console)
         elif args.command == "train":
             return _train(args, console)
+        elif args.command == "eval":
+            return _eval(args, console)
         elif args.command == "models":
             return _models(args, console)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -96,6 +110,25 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     except TrainingDivergedError as exc:
         console.print(f"[bold red]diverged:[/] {exc}", highlight=False)
         return 3
+    return 0
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    """Exit status: 0 every target holds, 1 a target fails, 2 invalid config or data."""
+    from peftkit.evaluation.run import dump_eval_config, load_eval_config, run_evaluation
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in str(config_path) and not config_path.is_file():
+        config_path, overrides = None, [str(args.config), *overrides]  # no file: everything is an override
+    config = load_eval_config(config_path, overrides)
+    if args.print_config:
+        console.print(dump_eval_config(config), highlight=False, markup=False, end="")
+        return 0
+    report = run_evaluation(config, progress=not args.no_progress, console=console)
+    if not report.passed:
+        failed = [f"{t.target.text} ({t.variant}: {t.value})" for t in report.targets if not t.passed]
+        console.print(f"[bold red]targets failed:[/] {'; '.join(failed)}", highlight=False)
+        return 1
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Classification by likelihood: score each candidate label's tokens after the prompt.
+"""Likelihood scoring: how probable each candidate continuation (or the reference) is after a prompt.
 
-No text is generated. For single-token candidates one forward per batch suffices (logits at the
-last position only); multi-token candidates are scored by the summed log-probability of their
-tokens given the prompt.
+No text is generated. With single-token candidates one forward per batch suffices (logits at the
+last position only). Multi-token candidates and references are scored by the summed
+log-probability of their tokens given the prompt, with the vocabulary projection computed only at
+those tokens (``return_logits="labelled"``).
 """
 
 from __future__ import annotations
@@ -11,17 +12,34 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from rich import get_console
 from rich.progress import Progress
 from torch import Tensor
 
 from peftkit.data.batching import Encoded, bucketed_order, collate, encode
+from peftkit.methods.base import IGNORE_INDEX
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """A transient progress bar; off when disabled or when the output is not a terminal (where rich
+    would leave an empty line behind)."""
+    return Progress(disable=not enabled or not get_console().is_terminal, transient=True)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of example indices with similar lengths (little padding), in a fixed order."""
+    return bucketed_order(lengths, batch_size, seed=0)
 
 
 @torch.no_grad()
 def choice_log_likelihoods(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Encoded],
     choices: Sequence[str],
     *,
     batch_size: int = 32,
@@ -30,39 +48,76 @@ def choice_log_likelihoods(
 ) -> Tensor:
     """``(N, C)`` log p(choice | prompt) for every prompt and candidate continuation.
 
-    ``model`` is a :class:`~peftkit.PeftModel` (or any callable returning user-aligned logits).
-    Prompts are batched by length to avoid padding work.
+    ``model`` is a :class:`~peftkit.PeftModel` (logits aligned with the user's tokens). Prompts are
+    text or already tokenised (:class:`~peftkit.data.batching.Encoded`); they are batched by length.
     """
     choice_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
     if any(not ids for ids in choice_ids):
         raise ValueError(f"every choice must tokenise to at least one token: {list(choices)}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     single = all(len(ids) == 1 for ids in choice_ids)
-    encoded = [encode(tokenizer, p) for p in prompts]
+    encoded = [p if isinstance(p, Encoded) else encode(tokenizer, p) for p in prompts]
     scores = torch.empty(len(prompts), len(choices))
-    order = [i for batch in bucketed_order([len(e) for e in encoded], batch_size, seed=0) for i in batch]
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(prompts))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_batches([len(e) for e in encoded], batch_size):
             if single:
                 batch = collate([encoded[i] for i in rows], pad)
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
-                logits = out.logits[:, -1]
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
                 scores[rows] = logprobs[:, [ids[0] for ids in choice_ids]].cpu()
             else:
                 for c, ids in enumerate(choice_ids):
-                    examples = [Encoded(encoded[i].input_ids + ids, [-100] * len(encoded[i]) + ids) for i in rows]
-                    scores[rows, c] = _sequence_log_likelihood(model, collate(examples, pad))
+                    examples = [continued(encoded[i], ids) for i in rows]
+                    scores[rows, c] = sequence_log_likelihoods(model, collate(examples, pad))[0].float()
             bar.advance(task, len(rows))
     return scores
 
 
-def _sequence_log_likelihood(model: Any, batch: dict[str, Tensor]) -> Tensor:
-    """``(B,)`` summed log-probability of each row's labelled tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    targets = batch["labels"][:, 1:]
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-    picked = logprobs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (targets != -100)).sum(-1).cpu()
+@torch.no_grad()
+def reference_log_likelihoods(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Encoded],
+    references: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+    description: str = "likelihood",
+) -> tuple[Tensor, Tensor]:
+    """``(N,)`` summed log p(reference tokens | prompt) and ``(N,)`` reference token counts.
+
+    Each reference is tokenised as its own segment after the prompt, as in training.
+    """
+    pad = pad_id(tokenizer)
+    ids = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+    examples = [continued(p, r) for p, r in zip(prompts, ids, strict=True)]
+    sums = torch.zeros(len(prompts), dtype=torch.float64)
+    counts = torch.tensor([len(r) for r in ids])
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(prompts))
+        for rows in length_batches([len(e) for e in examples], batch_size):
+            sums[rows] = sequence_log_likelihoods(model, collate([examples[i] for i in rows], pad))[0]
+            bar.advance(task, len(rows))
+    return sums, counts
+
+
+def continued(prompt: Encoded, continuation: Sequence[int]) -> Encoded:
+    """``prompt`` followed by ``continuation``, the continuation labelled."""
+    return Encoded(prompt.input_ids + list(continuation), [IGNORE_INDEX] * len(prompt) + list(continuation))
+
+
+def sequence_log_likelihoods(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(B,)`` summed log-probability of each row's labelled tokens, and ``(B,)`` their counts.
+
+    Logits are computed only at the labelled positions: ``(T, V)`` for the ``T`` labelled targets
+    in row-major order.
+    """
+    out = model(**batch, return_logits="labelled")
+    following = batch["labels"][:, 1:]
+    labelled = following != IGNORE_INDEX  # (B, L-1)
+    targets = following[labelled]  # (T,)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rows = labelled.nonzero()[:, 0]  # the row of each target
+    sums = torch.zeros(batch["labels"].shape[0], dtype=torch.float64).index_add_(0, rows, logprobs.double().cpu())
+    return sums, labelled.sum(-1)

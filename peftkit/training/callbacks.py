@@ -21,7 +21,11 @@ its constructor as keyword arguments.
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import os
+import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +195,73 @@ class EarlyStopping(Callback):
         self.best, self.best_step, self.bad_reports = state["best"], state["best_step"], int(state["bad_reports"])
 
 
-_CALLBACKS: dict[str, type[Callback]] = {"early_stopping": EarlyStopping}
+class BestCheckpoint(Callback):
+    """Keep a copy of the checkpoint written at the best evaluation so far, in ``<output_dir>/best/``.
+
+    The folder is a complete checkpoint (``adapter/`` in PEFT format, training state, config) plus
+    ``best.json`` (``{"metric", "value", "step"}``); it is replaced atomically when a later
+    evaluation is better, and survives the rotation of ``keep_checkpoints``. It needs a checkpoint
+    at every evaluation step: ``training.checkpoint_every`` must divide ``training.eval_every``
+    (checked when the config is read).
+
+    Args:
+        metric: an evaluation result, e.g. ``eval/loss`` or ``eval/accuracy``.
+        mode: ``min`` (lower is better) or ``max``.
+    """
+
+    def __init__(self, *, metric: str = "eval/loss", mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.metric, self.mode = metric, mode
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.pending: tuple[int, float] | None = None  # a better evaluation whose checkpoint is not written yet
+
+    def on_evaluate(self, state: TrainerState, metrics: dict[str, float]) -> None:
+        if self.metric not in metrics:
+            raise ValueError(
+                f"best_checkpoint: metric {self.metric!r} is not among the evaluation results "
+                f"({', '.join(sorted(metrics))})"
+            )
+        value = float(metrics[self.metric])
+        if math.isfinite(value) and (
+            self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        ):
+            self.pending = (state.step, value)
+
+    def on_checkpoint(self, state: TrainerState, path: Path) -> None:
+        if self.pending is None:
+            return
+        step, value = self.pending
+        self.pending = None
+        if step != state.step:  # the weights of that step are gone; config validation prevents this
+            warnings.warn(f"best_checkpoint: no checkpoint was written at step {step}; it is not kept", stacklevel=2)
+            return
+        self.best, self.best_step = value, step
+        if int(os.environ.get("RANK", "0")) == 0:  # one process writes (all share the output folder)
+            keep_copy(path, path.parent.parent / "best", {"metric": self.metric, "value": value, "step": step})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+
+
+def keep_copy(checkpoint: Path, target: Path, info: dict[str, Any]) -> None:
+    """Replace ``target`` with a copy of ``checkpoint`` plus ``best.json``, atomically (a rename)."""
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    old = target.with_name(f".old-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    (tmp / "best.json").write_text(json.dumps({**info, "checkpoint": checkpoint.name}, indent=1) + "\n")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_CALLBACKS: dict[str, type[Callback]] = {"early_stopping": EarlyStopping, "best_checkpoint": BestCheckpoint}
 
 
 def register_callback(name: str, cls: type[Callback] | None = None) -> Any:

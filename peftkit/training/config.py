@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from peftkit.evaluation.config import TaskEvaluationConfig, check_evaluation_setup
 from peftkit.training.validation import ConfigError, describe_errors, import_user_module
 
 __all__ = ["ConfigError", "RunConfig", "describe_errors"]
@@ -235,7 +236,7 @@ class CallbackConfig(BaseModel):
     model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
 
     name: str
-    """``early_stopping`` or a callback class you registered with ``register_callback``."""
+    """``early_stopping``, ``best_checkpoint`` or a callback class you registered with ``register_callback``."""
 
     @property
     def options(self) -> dict[str, Any]:
@@ -271,6 +272,9 @@ class RunConfig(Section):
     """Gradient statistics (off unless hooks are listed)."""
     callbacks: list[CallbackConfig] = Field(default_factory=list)
     """Callbacks by name, with their options."""
+    evaluation: TaskEvaluationConfig | None = None
+    """Task metrics (accuracy, F1, JSON validity, ...) on ``data.eval`` at ``training.eval_every``, logged
+    as ``eval/<metric>``: see docs/evaluation.md."""
     output_dir: str = "runs/train"
     """Where checkpoints, the final adapter, metrics.jsonl and loss_curve.png go."""
     tensorboard: bool = False
@@ -309,6 +313,7 @@ class RunConfig(Section):
             )
         if len(self.loss) == 0:
             raise ValueError("loss needs at least one component")
+        check_evaluation_setup(self)  # evaluation needs data.eval; best_checkpoint needs a checkpoint per eval
         return self
 
     def peft_configs(self) -> dict[str, Any]:

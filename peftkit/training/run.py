@@ -161,6 +161,10 @@ def prepare_run(
     seed_everything(config.training.seed)
     device = dist.device()
     model, tokenizer = build_model(config, device)
+    if config.evaluation is not None:  # task metrics at the eval cadence (peftkit.evaluation)
+        from peftkit.evaluation.training import task_evaluator
+
+        evaluate = task_evaluator(config, tokenizer, evaluate)
     train, evaluation = build_data(config, tokenizer, dist)
     loss = CompositeLoss.from_config(config.loss)
     callbacks = [build_callback(c.name, c.options) for c in config.callbacks]

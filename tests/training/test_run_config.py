@@ -107,7 +107,7 @@ def test_adapter_fields_are_checked_by_their_method():
         ({"data.formatter": "nope"}, "unknown formatter 'nope'; known formatters: chat, fever, gsm8k"),
         ({"loss": "hinge"}, "unknown loss 'hinge'; known losses: cross_entropy, kl_divergence, mse"),
         ({"loss": "[{name: kl_divergence, temperature: 0}]"}, "temperature must be > 0, got 0"),
-        ({"callbacks": "[{name: stop_soon}]"}, "unknown callback 'stop_soon'; known callbacks: early_stopping"),
+        ({"callbacks": "[{name: stop_soon}]"}, "unknown callback 'stop_soon'; known callbacks: best_checkpoint"),
         ({"callbacks": "[{name: early_stopping, mode: up}]"}, "mode must be 'min' or 'max', got 'up'"),
         ({"gradient_hooks.hooks": "[norms]"}, "unknown gradient hook(s) ['norms']; known: distribution, flow"),
         ({"data.train": "{path: a.jsonl, builtin: rotten_tomatoes}"}, "give exactly one of path, builtin or records"),
