@@ -21,12 +21,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from peftkit.training.validation import Section
+
 if TYPE_CHECKING:
     from peftkit.evaluation.predictors import Predictor
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class PredictionConfig(Section):

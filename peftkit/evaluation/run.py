@@ -26,11 +26,11 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from rich.console import Console
 
 from peftkit.config import CONFIG_NAME
-from peftkit.evaluation.config import MetricEntry, PredictionConfig, Section, metric_keys
+from peftkit.evaluation.config import MetricEntry, PredictionConfig, metric_keys
 from peftkit.evaluation.report import EvaluationReport
 from peftkit.evaluation.targets import check_targets, parse_target
 from peftkit.training.config import ModelConfig, SourceConfig
-from peftkit.training.validation import ConfigError, describe_errors, import_user_module
+from peftkit.training.validation import ConfigError, ImportsUserCode, Section, describe_errors
 
 BASE = "base"
 """A variant written ``base`` (or ``null``) is the base model with every adapter disabled."""
@@ -76,11 +76,9 @@ def adapter_folder(path: str | Path) -> Path:
     raise ValueError(f"no {CONFIG_NAME} in {path} (nor in {path / 'adapter'}): not an adapter folder")
 
 
-class EvalConfig(Section):
+class EvalConfig(ImportsUserCode):
     """A whole evaluation (the YAML file of ``peftkit eval``)."""
 
-    imports: list[str] = Field(default_factory=list)
-    """Python modules or ``.py`` files imported first: where your metrics, parsers and formatters register."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """The base model (only ``name`` and ``dtype`` matter here)."""
     data: EvalDataConfig
@@ -101,14 +99,6 @@ class EvalConfig(Section):
     """A training run folder: its metrics.jsonl is plotted as training_curve.png."""
     plots: bool = True
     """Write the PNG plots."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _import_user_code(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for name in value.get("imports") or []:
-                import_user_module(str(name))
-        return value
 
     @field_validator("model")
     @classmethod

@@ -23,15 +23,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftkit.evaluation.config import TaskEvaluationConfig, check_evaluation_setup
-from peftkit.training.validation import ConfigError, describe_errors, import_user_module
+from peftkit.training.validation import ConfigError, ImportsUserCode, Section, describe_errors
 
 __all__ = ["ConfigError", "RunConfig", "describe_errors"]
 
 PEFTKIT_ADAPTER_KEYS = ("trainable", "from_pretrained")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
@@ -250,12 +246,9 @@ class CallbackConfig(BaseModel):
         return self
 
 
-class RunConfig(Section):
+class RunConfig(ImportsUserCode):
     """A whole training run (the YAML file)."""
 
-    imports: list[str] = Field(default_factory=list)
-    """Python modules (``my_pkg.formatters``) or ``.py`` files imported first: where your own
-    formatters, losses, callbacks and gradient hooks register themselves."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """The base model."""
     adapters: dict[str, dict[str, Any]]
@@ -279,14 +272,6 @@ class RunConfig(Section):
     """Where checkpoints, the final adapter, metrics.jsonl and loss_curve.png go."""
     tensorboard: bool = False
     """Also write TensorBoard events (needs the ``tensorboard`` package)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _import_user_code(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for name in value.get("imports") or []:
-                import_user_module(str(name))
-        return value
 
     @field_validator("loss", mode="before")
     @classmethod

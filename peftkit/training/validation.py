@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -97,3 +97,25 @@ def import_user_module(name: str) -> None:
         importlib.import_module(name)
     except ImportError as exc:
         raise ValueError(f"imports: cannot import {name!r} ({exc})") from None
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, and each field's docstring documents it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ImportsUserCode(Section):
+    """A whole config file (``peftkit train`` / ``peftkit eval``) whose ``imports`` load first."""
+
+    imports: list[str] = Field(default_factory=list)
+    """Python modules (``my_pkg.formatters``) or ``.py`` files imported before the rest of the config is
+    read: where your own formatters, losses, metrics, parsers, callbacks and gradient hooks register."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_user_code(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name in value.get("imports") or []:
+                import_user_module(str(name))
+        return value
