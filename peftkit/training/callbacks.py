@@ -158,19 +158,24 @@ class EarlyStopping(Callback):
             raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+        if not metric.startswith(("train/", "eval/")):
+            raise ValueError(f"metric must name a train/... or eval/... value (e.g. eval/loss), got {metric!r}")
         self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, float(min_delta)
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad_reports = 0
 
     def on_step_end(self, state: TrainerState, metrics: dict[str, Any]) -> None:
-        self._observe(state, metrics)
+        self._observe(state, metrics, "train")
 
     def on_evaluate(self, state: TrainerState, metrics: dict[str, float]) -> None:
-        self._observe(state, metrics)
+        self._observe(state, metrics, "eval")
 
-    def _observe(self, state: TrainerState, metrics: dict[str, Any]) -> None:
+    def _observe(self, state: TrainerState, metrics: dict[str, Any], kind: str) -> None:
         if self.metric not in metrics:
+            if self.metric.startswith(f"{kind}/"):  # a misspelled name must not silently never fire
+                known = ", ".join(sorted(k for k in metrics if k.startswith(f"{kind}/")))
+                raise ValueError(f"early_stopping: metric {self.metric!r} is not among the {kind} metrics ({known})")
             return
         value = float(metrics[self.metric])
         better = (

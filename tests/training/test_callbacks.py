@@ -107,6 +107,21 @@ def test_early_stopping_min_delta_and_state_round_trip():
     assert state.should_stop
 
 
+def test_early_stopping_refuses_a_metric_that_is_never_logged(tmp_path):
+    """A misspelled metric must not silently never fire."""
+    with pytest.raises(ValueError, match="train/... or eval/..."):
+        EarlyStopping(metric="accuracy")
+    stopper = EarlyStopping(metric="eval/acurracy", mode="max")
+    trainer = Trainer(
+        prompt_model(), data(), config(max_steps=4, eval_every=2), evaluate=lambda model: {"accuracy": 0.5},
+        callbacks=[stopper], output_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"'eval/acurracy' is not among the eval metrics \(.*eval/accuracy"):
+        trainer.train()
+    with pytest.raises(ValueError, match="'train/lss' is not among the train metrics"):
+        EarlyStopping(metric="train/lss").on_step_end(TrainerState(), {"train/loss": 1.0})
+
+
 def test_callback_state_survives_a_resume(tmp_path):
     class Counter(Callback):
         def __init__(self):
