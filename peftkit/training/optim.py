@@ -22,22 +22,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 def build_optimizer(name: str, params: Iterable[nn.Parameter], config: Any) -> torch.optim.Optimizer:
     """``adamw`` / ``adam`` / ``sgd`` over ``params`` with the config's lr, betas, eps, decay, momentum."""
     params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(
-            params,
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-        )
-    if name == "adam":
-        return torch.optim.Adam(
-            params,
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-        )
+    adam = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(name)
+    if adam is not None:
+        betas = (config.adam_beta1, config.adam_beta2)
+        return adam(params, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
