@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from peftkit.training.validation import Section
+from peftkit.sections import Section
 
 if TYPE_CHECKING:
     from peftkit.evaluation.predictors import Predictor

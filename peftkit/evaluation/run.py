@@ -29,8 +29,9 @@ from peftkit.config import CONFIG_NAME
 from peftkit.evaluation.config import MetricEntry, PredictionConfig, metric_keys
 from peftkit.evaluation.report import EvaluationReport
 from peftkit.evaluation.targets import check_targets, parse_target
+from peftkit.sections import ImportsUserCode, Section
 from peftkit.training.config import ModelConfig, SourceConfig
-from peftkit.training.validation import ConfigError, ImportsUserCode, Section, describe_errors
+from peftkit.training.validation import ConfigError, describe_errors
 
 BASE = "base"
 """A variant written ``base`` (or ``null``) is the base model with every adapter disabled."""

@@ -23,7 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peftkit.evaluation.config import TaskEvaluationConfig, check_evaluation_setup
-from peftkit.training.validation import ConfigError, ImportsUserCode, Section, describe_errors
+from peftkit.sections import ImportsUserCode, Section
+from peftkit.training.validation import ConfigError, describe_errors
 
 __all__ = ["ConfigError", "RunConfig", "describe_errors"]
 
