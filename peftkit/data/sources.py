@@ -177,3 +177,14 @@ class LimitedSource(RecordSource):
 
     def skip(self, count: int) -> Iterator[Mapping[str, Any]]:
         return itertools.islice(self.source.skip(count), max(0, self.limit - count))
+
+
+def open_source(spec: Any) -> RecordSource:
+    """The source a config's data section describes (:class:`peftkit.sections.SourceConfig`)."""
+    if spec.builtin is not None:
+        source: RecordSource = builtin_source(spec.builtin, **spec.options)
+    elif spec.records is not None:
+        source = MemorySource(spec.records, name="inline records")
+    else:
+        source = FileSource(spec.path, spec.format, streaming=spec.streaming)
+    return LimitedSource(source, spec.limit) if spec.limit else source

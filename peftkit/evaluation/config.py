@@ -212,22 +212,3 @@ class TaskEvaluationConfig(Section):
     def value_names(self) -> list[str]:
         """The values each evaluation reports (without the ``eval/`` prefix)."""
         return metric_keys(self.prediction, self.metrics)
-
-
-def check_evaluation_setup(run: Any) -> None:
-    """Checks of a training run config that involve evaluation (called by its validator).
-
-    * ``evaluation`` needs ``data.eval``;
-    * ``best_checkpoint`` keeps the checkpoint written at the best evaluation, so every evaluation
-      step must also be a checkpoint step: ``training.checkpoint_every`` must divide
-      ``training.eval_every``.
-    """
-    if getattr(run, "evaluation", None) is not None and run.data.eval is None:
-        raise ValueError("evaluation needs data.eval: the records its metrics are computed on")
-    if any(c.name == "best_checkpoint" for c in run.callbacks):
-        every, checkpoint = run.training.eval_every, run.training.checkpoint_every
-        if every is not None and (checkpoint is None or every % checkpoint):
-            raise ValueError(
-                f"callbacks: best_checkpoint keeps the checkpoint written at the best evaluation, so "
-                f"training.checkpoint_every ({checkpoint}) must divide training.eval_every ({every})"
-            )

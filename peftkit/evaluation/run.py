@@ -12,7 +12,7 @@
 
 The base model is loaded once; every adapter folder is loaded onto it under its own name, and each
 variant switches which adapters are active (``base``: none). The YAML and ``key=value`` override
-rules are the training config's (``peftkit.training.overrides``).
+rules are those of :mod:`peftkit.config_files` (shared with ``peftkit train``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from rich.console import Console
 
 from peftkit.config import CONFIG_NAME
+from peftkit.config_files import ConfigError, describe_errors
 from peftkit.evaluation.config import MetricEntry, PredictionConfig, metric_keys
 from peftkit.evaluation.report import EvaluationReport
 from peftkit.evaluation.targets import check_targets, parse_target
-from peftkit.sections import ImportsUserCode, Section
-from peftkit.training.config import ModelConfig, SourceConfig
-from peftkit.training.validation import ConfigError, describe_errors
+from peftkit.sections import ImportsUserCode, ModelConfig, Section, SourceConfig
 
 BASE = "base"
 """A variant written ``base`` (or ``null``) is the base model with every adapter disabled."""
@@ -40,9 +39,7 @@ BASE = "base"
 class EvalConfigError(ConfigError):
     """An invalid eval config; ``problems`` holds one line per invalid field."""
 
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        ValueError.__init__(self, "invalid eval config:\n  " + "\n  ".join(problems))
+    kind = "eval"
 
 
 class EvalDataConfig(Section):
@@ -173,7 +170,7 @@ class EvalConfig(ImportsUserCode):
 
 def load_eval_config(path: str | Path | None, overrides: Sequence[str] = ()) -> EvalConfig:
     """Read ``path`` (``None``: build the config from ``overrides`` alone), apply overrides, validate."""
-    from peftkit.training.overrides import apply_overrides, read_config_tree
+    from peftkit.config_files import apply_overrides, read_config_tree
 
     try:
         tree = read_config_tree(path) if path is not None else {}
@@ -200,9 +197,8 @@ def build_model(config: EvalConfig) -> tuple[Any, Any, dict[str, list[str] | Non
     """The base model with every adapter folder loaded once; returns model, tokenizer, variant → adapters."""
     import torch
 
-    from peftkit import PromptTuningConfig
     from peftkit.models.loading import load_base
-    from peftkit.models.peft_model import PeftModel, get_peft_model
+    from peftkit.models.peft_model import PeftModel
 
     dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
     base, tokenizer = load_base(config.model.name, dtype=dtype)
@@ -213,20 +209,17 @@ def build_model(config: EvalConfig) -> tuple[Any, Any, dict[str, list[str] | Non
             model = PeftModel.from_pretrained(base, folder, adapter_name=name, tokenizer=tokenizer)
         else:
             model.load_adapter(folder, name, tokenizer=tokenizer)
-    if model is None:
-        # Only the base model is evaluated. PeftModel runs it exactly (positions that skip left
-        # padding, the same generate) inside disable_adapter(); its one adapter is a placeholder
-        # that is never activated.
-        model = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=1), adapter_name="unused_placeholder")
+    if model is None:  # only the base model: a PeftModel without adapters runs it exactly
+        model = PeftModel(base, None)
     return model.eval(), tokenizer, variants
 
 
 def run_evaluation(config: EvalConfig, *, progress: bool = True, console: Console | None = None) -> EvaluationReport:
     """Evaluate every variant of ``config`` on its examples; write and print the report."""
     from peftkit.data.formatters import get_formatter
+    from peftkit.data.sources import open_source
     from peftkit.evaluation.evaluator import Evaluation
     from peftkit.evaluation.records import examples_from_records
-    from peftkit.training.run import open_source
 
     console = console or Console()
     model, tokenizer, variants = build_model(config)

@@ -27,7 +27,7 @@ def task_evaluator(config: Any, tokenizer: Any, previous: Evaluator | None = Non
         previous: an evaluate function given by the caller; its values are merged in.
     """
     from peftkit.data.formatters import get_formatter
-    from peftkit.training.run import open_source
+    from peftkit.data.sources import open_source
 
     section, data = config.evaluation, config.data
     formatter = get_formatter(data.formatter, tokenizer, **data.formatter_options)

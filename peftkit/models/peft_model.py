@@ -16,23 +16,23 @@ in the shift (so a prompt can be trained to predict the first user token), as in
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
-from peftkit.io import atomic_save_safetensors
+from peftkit.config import PeftConfig
 from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
-from peftkit.models.cache import cache_survives_checkpointing, growing_prefix_cache, readonly_prefix_cache
+from peftkit.models.files import load_adapter_weights, save_adapters
+from peftkit.models.forward import is_checkpointing, run_base_model, user_logits
+from peftkit.models.merging import merge_adapters, unmerge_adapters
 from peftkit.models.routing import Routing
+
+__all__ = ["BASE_ADAPTER_NAME", "PeftModel", "get_peft_model", "is_checkpointing", "user_logits"]
 
 BASE_ADAPTER_NAME = "__base__"
 """Name that routes a row of a mixed batch to the bare base model (as in PEFT)."""
@@ -43,13 +43,14 @@ class PeftModel(nn.Module):
 
     Args:
         model: a Hugging Face causal LM; its parameters are frozen.
-        peft_config: the first adapter's config.
+        peft_config: the first adapter's config; ``None`` wraps the base model with no adapter yet
+            (it then computes exactly what the base model computes, e.g. to evaluate it alone).
         adapter_name: the first adapter's name.
         **context: passed to the method's ``create`` (e.g. ``tokenizer=`` for text init).
     """
 
     def __init__(
-        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **context: Any
+        self, model: nn.Module, peft_config: PeftConfig | None, adapter_name: str = "default", **context: Any
     ) -> None:
         super().__init__()
         self.base_model = model
@@ -59,8 +60,9 @@ class PeftModel(nn.Module):
         self.routing = Routing()
         for param in model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config, **context)
-        self.set_adapter(adapter_name)
+        if peft_config is not None:
+            self.add_adapter(adapter_name, peft_config, **context)
+            self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -82,15 +84,14 @@ class PeftModel(nn.Module):
 
     @property
     def _adapters_disabled(self) -> bool:
+        """Inside :meth:`disable_adapter` (in this thread / task)."""
         return self.routing.disabled
-
-    @_adapters_disabled.setter
-    def _adapters_disabled(self, value: bool) -> None:
-        self.routing.disabled = value
 
     @property
     def active_adapter(self) -> str:
         """The first active adapter (PEFT's single-adapter view)."""
+        if not self.active_adapters:
+            raise AttributeError("this PeftModel has no active adapter")
         return self.active_adapters[0]
 
     @property
@@ -139,12 +140,13 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside this context the model computes exactly what the base model computes."""
-        previous, self._adapters_disabled = self._adapters_disabled, True
-        try:
+        """Inside this context the model computes exactly what the base model computes.
+
+        The switch belongs to the calling thread (or asyncio task): another request served at the
+        same time still uses its adapters.
+        """
+        with self.routing.disabled_scope():
             yield
-        finally:
-            self._adapters_disabled = previous
 
     def _check_names(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self.adapters]
@@ -152,15 +154,6 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(self.adapters)}")
 
     # ------------------------------------------------------------------ merging
-    def _mergeable(self, adapter_names: Sequence[str] | None) -> list[tuple[str, Mergeable]]:
-        if adapter_names is None:
-            return [(n, a) for n in self.active_adapters if isinstance(a := self.adapters[n], Mergeable)]
-        self._check_names(list(adapter_names))
-        refused = [n for n in adapter_names if not isinstance(self.adapters[n], Mergeable)]
-        if refused:
-            raise TypeError(f"adapter(s) {refused} cannot be merged (soft prompts have no weights to fold in)")
-        return [(n, self.adapters[n]) for n in adapter_names]  # type: ignore[misc]
-
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold weight adapters (default: the active mergeable ones) into the base weights.
 
@@ -168,23 +161,11 @@ class PeftModel(nn.Module):
         ``disable_adapter()`` raises until :meth:`unmerge_adapter`). ``safe_merge`` checks every new
         weight for NaN/inf first and leaves the model untouched if one is found.
         """
-        done: list[Mergeable] = []
-        try:
-            for _, adapter in self._mergeable(adapter_names):
-                if not adapter.merged:
-                    adapter.merge(safe_merge=safe_merge)
-                    done.append(adapter)
-        except Exception:
-            for adapter in reversed(done):
-                adapter.unmerge()
-            raise
+        merge_adapters(self, adapter_names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter out of the base weights again (in reverse merge order)."""
-        for name in reversed(list(self.adapters)):
-            adapter = self.adapters[name]
-            if isinstance(adapter, Mergeable) and adapter.merged:
-                adapter.unmerge()
+        unmerge_adapters(self)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
@@ -325,7 +306,8 @@ class PeftModel(nn.Module):
             raise ValueError("logits_to_keep cannot be combined with labels (use return_logits=False)")
         with self.routing.scope(routes):
             inputs = self.prepare_inputs(input_ids, attention_mask, inputs_embeds, labels, routes)
-            out = self.run_base_model(
+            out = run_base_model(
+                self.base_model,
                 inputs,
                 use_cache=use_cache,
                 return_logits=return_logits,
@@ -333,65 +315,25 @@ class PeftModel(nn.Module):
                 **kwargs,
             )
         if out.loss is not None:
-            for name in routes:
-                term = getattr(self.adapters[name], "regularization_loss", None)
-                extra = term() if term is not None else None
-                if extra is not None:
-                    out.loss = out.loss + extra
+            extra = self.regularization_loss(routes)
+            if extra is not None:
+                out.loss = out.loss + extra
         return out
 
-    def run_base_model(
-        self,
-        inputs: ModelInputs,
-        *,
-        use_cache: bool = False,
-        return_logits: bool | Literal["labelled"] = True,
-        logits_to_keep: int = 0,
-        cache: Any = None,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Run the base model on a prepared batch; loss and logits as described in :meth:`forward`."""
-        guard: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if cache is None and use_cache:
-            cache = growing_prefix_cache(inputs.prefix, self.base_model.config)
-        elif cache is None and inputs.prefix is not None:
-            cache = readonly_prefix_cache(inputs.prefix)
-            if self.training and is_checkpointing(self.base_model):
-                guard = cache_survives_checkpointing(self.base_model)
-        predicting = inputs.prediction_mask()
-        labelled = return_logits == "labelled"
-        if predicting is None:
-            keep: int | Tensor = inputs.user_positions[:, -logits_to_keep:] if logits_to_keep else inputs.user_positions
-        else:
-            keep = predicting if labelled or not return_logits else 0
-        with guard:
-            out = self.base_model(
-                inputs_embeds=inputs.inputs_embeds,
-                attention_mask=inputs.full_attention_mask(),
-                position_ids=inputs.position_ids(),
-                cache=cache,
-                use_cache=use_cache,
-                logits_to_keep=keep,
-                **kwargs,
-            )
-        logits, loss, hidden_states = out.logits, None, out.hidden_states
-        if predicting is not None:
-            targets = inputs.next_token_targets()[predicting]
-            scored = logits if keep is predicting else logits[predicting]  # (T, V)
-            loss = F.cross_entropy(scored.float(), targets)
-            if labelled:
-                logits = scored
-                if hidden_states is not None:
-                    hidden_states = tuple(h[predicting] for h in hidden_states)  # each (T, D)
-            else:
-                logits = user_logits(logits, inputs.user_positions) if return_logits else None
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=out.cache if use_cache else None,
-            hidden_states=hidden_states,
-            attentions=out.attentions,
-        )
+    def regularization_loss(self, routes: dict[str, Tensor] | None = None) -> Tensor | None:
+        """Sum of the adapters' extra loss terms (AdaLoRA's orthogonality penalty), ``None`` if none.
+
+        Counts the adapters that serve rows in ``routes`` (default: the active ones). ``forward`` adds
+        it to the loss it returns; the trainer, which owns the training loss, adds it once per step.
+        """
+        names = list(routes) if routes is not None else ([] if self._adapters_disabled else self.active_adapters)
+        total = None
+        for name in names:
+            term = getattr(self.adapters[name], "regularization_loss", None)
+            extra = term() if term is not None else None
+            if extra is not None:
+                total = extra if total is None else total + extra
+        return total
 
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -410,23 +352,15 @@ class PeftModel(nn.Module):
     ) -> None:
         """Write each adapter as PEFT does: ``default`` at the top, others in a subfolder."""
         if not safe_serialization:
-            raise ValueError("peftkit writes safetensors only (safe_serialization=False is not supported)")
+            raise ValueError(
+                "peftkit writes safetensors only: safe_serialization=False would write a pickle, which can run "
+                "arbitrary code when loaded"
+            )
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.adapters)
         self._check_names(names)
-        root = Path(save_directory)
-        if root.is_file():
-            raise ValueError(f"{root} is a file, expected a directory")
-        for name in names:
-            folder = root if name == "default" else root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            config = self.peft_config[name].model_copy(update={"inference_mode": True})
-            if config.base_model_name_or_path is None:
-                base_name = getattr(self.base_model.config, "name_or_path", None) or None
-                config = config.model_copy(update={"base_model_name_or_path": base_name})
-            atomic_save_safetensors(self.adapters[name].adapter_state_dict(), folder / WEIGHTS_NAME)
-            config.save_pretrained(folder)
+        save_adapters(self, save_directory, names)
 
     @classmethod
     def from_pretrained(
@@ -461,33 +395,8 @@ class PeftModel(nn.Module):
         return adapter
 
     def _load_weights(self, adapter_name: str, folder: Path, trainable: bool) -> None:
-        path = folder / WEIGHTS_NAME
-        if not path.is_file():
-            legacy = [p.name for p in folder.glob("adapter_model.*")]
-            hint = f" (found {legacy}: peftkit never loads pickle files)" if legacy else ""
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}{hint}")
-        if not (folder / CONFIG_NAME).is_file():
-            warnings.warn(f"no {CONFIG_NAME} beside {path}", UserWarning, stacklevel=3)
-        adapter = self.adapters[adapter_name]
         device = next(iter(self.base_model.parameters())).device
-        adapter.load_adapter_state_dict(load_file(path, device=str(device)), trainable=trainable)
-        if trainable:
-            adapter.unfreeze()
-        else:
-            adapter.freeze()
-
-
-def is_checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on, across transformers' renames."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
-
-
-def user_logits(logits: Tensor, user_positions: Tensor) -> Tensor:
-    """``(B, L, V)`` logits at the user's token positions of a ``(B, S, V)`` tensor."""
-    return torch.take_along_dim(logits, user_positions.unsqueeze(-1), dim=1)
+        load_adapter_weights(self.adapters[adapter_name], folder, trainable=trainable, device=device)
 
 
 def get_peft_model(

@@ -21,10 +21,10 @@ from rich.table import Table
 
 from peftkit.data.formatters import get_formatter
 from peftkit.data.pipeline import TokenizedData
-from peftkit.data.sources import FileSource, LimitedSource, MemorySource, RecordSource, builtin_source
+from peftkit.data.sources import open_source
 from peftkit.training.callbacks import build_callback
 from peftkit.training.checkpoint import latest_checkpoint, list_checkpoints, remove_stale_temporaries
-from peftkit.training.config import RunConfig, SourceConfig
+from peftkit.training.config import RunConfig
 from peftkit.training.distributed import Distributed
 from peftkit.training.losses import CompositeLoss
 from peftkit.training.overrides import dump_run_config
@@ -83,17 +83,6 @@ def build_model(config: RunConfig, device: torch.device) -> tuple[Any, Any]:
     if config.model.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable()
     return peft_model, tokenizer
-
-
-def open_source(spec: SourceConfig) -> RecordSource:
-    if spec.builtin is not None:
-        source: RecordSource = builtin_source(spec.builtin, **spec.options)
-    elif spec.records is not None:
-        source = MemorySource(spec.records, name="inline records")
-    else:
-        assert spec.path is not None
-        source = FileSource(spec.path, spec.format, streaming=spec.streaming)
-    return LimitedSource(source, spec.limit) if spec.limit else source
 
 
 def build_data(config: RunConfig, tokenizer: Any, dist: Distributed) -> tuple[TokenizedData, TokenizedData | None]:

@@ -2,15 +2,9 @@
 
 import pytest
 
+from peftkit.config_files import apply_overrides, parse_override, parse_yaml
 from peftkit.training.config import ConfigError, RunConfig
-from peftkit.training.overrides import (
-    apply_overrides,
-    dump_run_config,
-    load_run_config,
-    parse_override,
-    parse_yaml,
-    validate_config,
-)
+from peftkit.training.overrides import dump_run_config, load_run_config, validate_config
 
 BASE = """
 model: {name: smollm2-135m-instruct}
