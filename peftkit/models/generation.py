@@ -106,6 +106,7 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     adapter_names: Sequence[str] | None = None,
+    experts: Any = None,
     generation_config: Any = None,
     **hf_arguments: Any,
 ) -> Tensor:
@@ -119,6 +120,7 @@ def generate(
         logits_processor: extra ``(input_ids, scores) -> scores`` callables (e.g. a grammar).
         generator / seed: the random source for sampling, for reproducible samples.
         adapter_names: one adapter name per row (``"__base__"`` = bare model) for mixed batches.
+        experts: per-row expert routes, as for ``PeftModel.forward`` (or a hierarchy's resolution).
     """
     for key, value in hf_arguments.items():
         if key not in _FIXED_ARGUMENTS:
@@ -156,7 +158,7 @@ def generate(
     processors.extend(logits_processor or [])
 
     batch, device = input_ids.shape[0], input_ids.device
-    routes = model.routes(batch, adapter_names, device)
+    routes = model.routes(batch, adapter_names, device, experts)
     with torch.no_grad(), model.routing.scope(routes):
         inputs = model.prepare_inputs(input_ids, attention_mask, routes=routes)
         cache = growing_prefix_cache(inputs.prefix, model.base_model.config)

@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftkit.config import PeftConfig
+from peftkit.experts.routes import ExpertRoutes, expert_routes
 from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
+from peftkit.methods.soft_prompt import pack_virtual_slots
 from peftkit.models.files import load_adapter_weights, save_adapters
 from peftkit.models.forward import is_checkpointing, run_base_model, user_logits
 from peftkit.models.merging import merge_adapters, unmerge_adapters
@@ -228,10 +230,24 @@ class PeftModel(nn.Module):
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ forward
-    def routes(self, batch_size: int, adapter_names: Sequence[str] | None, device: torch.device) -> dict[str, Tensor]:
-        """Adapter name → ``(B,)`` expert index per row (``-1``: row not served)."""
+    def routes(
+        self,
+        batch_size: int,
+        adapter_names: Sequence[str] | None,
+        device: torch.device,
+        experts: ExpertRoutes | None = None,
+    ) -> dict[str, Tensor]:
+        """Adapter name → ``(B,)`` expert index per row (``-1``: row not served).
+
+        ``experts`` (one mapping adapter name → expert id or index per row, or a resolver's result
+        with an ``experts`` attribute) routes each row on its own; see :func:`expert_routes`.
+        """
+        if experts is not None and adapter_names is not None:
+            raise ValueError("pass adapter_names or experts, not both")
         if self._adapters_disabled:
             return {}
+        if experts is not None:
+            return expert_routes(self, experts, batch_size, device)
         if adapter_names is None:
             rows = torch.zeros(batch_size, dtype=torch.long, device=device)
             return dict.fromkeys(self.active_adapters, rows)
@@ -252,7 +268,8 @@ class PeftModel(nn.Module):
         labels: Tensor | None = None,
         routes: dict[str, Tensor] | None = None,
     ) -> ModelInputs:
-        """The batch after every routed adapter has prepared it."""
+        """The batch after every routed adapter has prepared it, in ``routes`` order, then packed
+        (each row as long as its own virtual tokens plus its tokens; see ``pack_virtual_slots``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -260,7 +277,7 @@ class PeftModel(nn.Module):
         inputs = ModelInputs.from_user(inputs_embeds, attention_mask, labels)
         for name, rows in (routes or {}).items():
             inputs = self.adapters[name].prepare_inputs(inputs, rows)
-        return inputs
+        return pack_virtual_slots(inputs)
 
     def forward(
         self,
@@ -270,6 +287,7 @@ class PeftModel(nn.Module):
         labels: Tensor | None = None,
         *,
         adapter_names: Sequence[str] | None = None,
+        experts: ExpertRoutes | None = None,
         use_cache: bool = False,
         return_logits: bool | Literal["labelled"] = True,
         logits_to_keep: int = 0,
@@ -282,6 +300,10 @@ class PeftModel(nn.Module):
             attention_mask: ``(B, L)``; left or right padding both work.
             labels: ``(B, L)`` next-token targets (``-100`` = ignored), as for Hugging Face models.
             adapter_names: one adapter name per row (``"__base__"`` = no adapter) for mixed batches.
+            experts: one mapping per row, adapter name → expert id or index in that adapter's bank
+                (e.g. ``{"unified": 0, "cluster": "c3", "persona": "p017"}``; ``{}`` = base model), or
+                an :class:`~peftkit.experts.hierarchy.ExpertHierarchy` resolution. Adapters apply in
+                the order they were added to the model (see ``docs/experts.md``).
             use_cache: return the attention cache (it includes virtual positions).
             return_logits: ``False`` skips the vocabulary projection everywhere except at labelled
                 positions (a training fast path): ``logits`` is then ``None``. ``"labelled"`` takes the
@@ -301,7 +323,7 @@ class PeftModel(nn.Module):
             kwargs.pop(key, None)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        routes = self.routes(batch_size, adapter_names, device)
+        routes = self.routes(batch_size, adapter_names, device, experts)
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep cannot be combined with labels (use return_logits=False)")
         with self.routing.scope(routes):

@@ -8,22 +8,28 @@ The prefix enters through the attention cache, so it works with gradient checkpo
 cache layer never mutates during training; PEFT refuses this combination). Saved as PEFT's
 ``prompt_embeddings`` ``(n, num_layers*2*token_dim)``; with projection the MLP weights are saved
 too (``peftkit_encoder.*``) so training can resume, which PEFT cannot do.
+
+A bank (``expert_ids`` in the config, no projection) holds ``N`` prefixes in one parameter,
+``(N * n, num_layers*2*token_dim)``, viewed as ``table`` ``(N, n, num_layers*2*token_dim)``; each row
+of a batch gathers its own prefix keys/values. Saved as ``prompt_embeddings`` ``(N, n, 2·L·td)``.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from peftkit.experts.bank import SINGLE_EXPERT_ID, ExpertIndex, expert_row
 from peftkit.methods.base import ModelInputs, expect_tensor
 from peftkit.methods.prefix_tuning.config import PrefixTuningConfig
-from peftkit.methods.soft_prompt import ENCODER_PREFIX, SoftPrompt
+from peftkit.methods.soft_prompt import ENCODER_PREFIX, PromptBank, SoftPrompt
 
 
-class PrefixTuning(SoftPrompt):
+class PrefixTuning(PromptBank, SoftPrompt):
     """The prefix-tuning adapter."""
 
     def __init__(self, config: PrefixTuningConfig) -> None:
@@ -33,7 +39,14 @@ class PrefixTuning(SoftPrompt):
         self.config = config
         n, width = config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
         self.transform: nn.Sequential | None = None
+        if config.prefix_projection and config.expert_ids is not None:
+            raise ValueError(
+                "expert_ids (a bank) cannot be combined with prefix_projection: the projection MLP would be "
+                "shared by every expert; use prefix_projection=False"
+            )
         if config.prefix_projection:
+            self.experts = ExpertIndex([SINGLE_EXPERT_ID])
+            self._new_rows = None
             hidden = config.encoder_hidden_size or config.token_dim
             self.embedding = nn.Embedding(n, config.token_dim)
             self.transform = nn.Sequential(nn.Linear(config.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
@@ -41,9 +54,16 @@ class PrefixTuning(SoftPrompt):
                 nn.init.zeros_(self.transform[-1].weight)
                 nn.init.zeros_(self.transform[-1].bias)
         else:
-            self.embedding = nn.Embedding(n, width)
+            self._setup_bank(width, self._initial_rows)
             if config.init_weights == "zero":
                 nn.init.zeros_(self.embedding.weight)
+
+    def _initial_rows(self, count: int) -> Tensor:
+        """``(count, n, width)`` new prefixes: N(0, 1) as ``nn.Embedding`` starts, or zeros."""
+        shape = (count, self.config.num_virtual_tokens, self.embedding.weight.shape[1])
+        if self.config.init_weights == "zero":
+            return torch.zeros(shape)
+        return torch.randn(shape)
 
     @classmethod
     def create(
@@ -53,9 +73,11 @@ class PrefixTuning(SoftPrompt):
         return cls(config).to(base_model.get_input_embeddings().weight.device)
 
     def flat_prefix(self) -> Tensor:
-        """``(n, num_layers * 2 * token_dim)`` the prefix in PEFT's saved layout."""
+        """``(n, num_layers * 2 * token_dim)`` the prefix in PEFT's saved layout (a single prefix)."""
         if self.transform is not None:
             return self.transform(self.embedding.weight)
+        if self.num_experts != 1:
+            raise ValueError(f"this adapter is a bank of {self.num_experts} prefixes: use table[e] or rows")
         return self.embedding.weight
 
     def key_values(self) -> Tensor:
@@ -70,11 +92,21 @@ class PrefixTuning(SoftPrompt):
         kv = self.key_values().unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers)]
 
+    def row_key_values(self, rows: Tensor) -> Tensor:
+        """``(2 * num_layers, B or 1, H_kv, n, d_head)``: each row's own prefix (one gather for a bank)."""
+        if self.transform is not None or self.num_experts == 1:
+            return self.key_values().unsqueeze(1)
+        c = self.config
+        heads = c.num_attention_heads
+        flat = self.gather_rows(rows)  # (B, n, 2L*td)
+        batch = flat.shape[0]
+        return flat.view(batch, c.num_virtual_tokens, 2 * c.num_layers, heads, -1).permute(2, 0, 3, 1, 4)
+
     def prepare_inputs(self, inputs: ModelInputs, rows: Tensor) -> ModelInputs:
         selected = self.check_rows(rows)
         batch = inputs.batch_size
-        kv = self.key_values().to(inputs.inputs_embeds.dtype)
-        kv = torch.where(selected[None, :, None, None, None], kv.unsqueeze(1), 0.0)  # (2L, B, H, n, d)
+        kv = self.row_key_values(rows).to(inputs.inputs_embeds.dtype)
+        kv = torch.where(selected[None, :, None, None, None], kv, 0.0)  # (2L, B, H, n, d)
         layers = [(kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers)]
         mask = selected.long().unsqueeze(1).expand(batch, self.config.num_virtual_tokens)
         if inputs.prefix is not None:
@@ -85,14 +117,29 @@ class PrefixTuning(SoftPrompt):
             mask = torch.cat([inputs.prefix_mask, mask], dim=1)
         return inputs.with_(prefix=layers, prefix_mask=mask)
 
-    def adapter_state_dict(self) -> dict[str, Tensor]:
-        state = {"prompt_embeddings": self.flat_prefix().detach()}
+    def add_experts(self, ids: Sequence[str], values: Tensor | None = None) -> range:
         if self.transform is not None:
-            state.update({ENCODER_PREFIX + k: v.detach() for k, v in self.state_dict().items()})
+            raise ValueError("a prefix_projection adapter cannot hold a bank (its MLP would be shared by every expert)")
+        return super().add_experts(ids, values)
+
+    def expert_state_dict(self, expert: str | int) -> dict[str, Tensor]:
+        if self.transform is not None:
+            expert_row(self, expert)
+            return {"prompt_embeddings": self.flat_prefix().detach().clone()}
+        return super().expert_state_dict(expert)
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        if self.transform is None:
+            return self.bank_state_dict()
+        state = {"prompt_embeddings": self.flat_prefix().detach()}
+        state.update({ENCODER_PREFIX + k: v.detach() for k, v in self.state_dict().items()})
         return state
 
     def load_adapter_state_dict(self, state_dict: dict[str, Tensor], *, trainable: bool) -> None:
         c = self.config
+        if not c.prefix_projection:
+            self.load_bank_state_dict(state_dict)
+            return
         flat = expect_tensor(state_dict, "prompt_embeddings", (c.num_virtual_tokens, c.num_layers * 2 * c.token_dim))
         encoder = {k.removeprefix(ENCODER_PREFIX): v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIX)}
         if self.transform is not None and encoder:

@@ -28,7 +28,7 @@ class PromptTuningConfig(PromptLearningConfig):
     Trainable parameters: ``num_virtual_tokens * token_dim``.
     """
 
-    extension_fields: ClassVar[frozenset[str]] = frozenset({"init_seed"})
+    extension_fields: ClassVar[frozenset[str]] = PromptLearningConfig.extension_fields | {"init_seed"}
 
     peft_type: Literal["PROMPT_TUNING"] = "PROMPT_TUNING"
     prompt_tuning_init: PromptTuningInit = PromptTuningInit.RANDOM
