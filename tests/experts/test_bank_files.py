@@ -24,14 +24,15 @@ def configs(kind):
         return peftkit.PromptTuningConfig(num_virtual_tokens=3, expert_ids=IDS), peft.PromptTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=3
         )
+    projection = {"prefix_projection": True, "encoder_hidden_size": 16} if kind == "prefix_projection" else {}
     return peftkit.PrefixTuningConfig(num_virtual_tokens=3, expert_ids=IDS), peft.PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=3
+        task_type="CAUSAL_LM", num_virtual_tokens=3, **projection
     )
 
 
 def peft_logits(peft_model, kind):
     logits = peft_model(**INPUTS).logits
-    return logits if kind == "prefix_tuning" else logits[:, 3:]
+    return logits[:, 3:] if kind == "prompt_tuning" else logits
 
 
 def load_in_peft(arch, folder):
@@ -52,7 +53,7 @@ def test_an_exported_expert_loads_in_peft_with_equal_logits(tmp_path, arch, kind
     torch.testing.assert_close(expected[REAL], peft_logits(theirs, kind)[REAL], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning", "prefix_projection"])
 def test_a_bank_built_from_peft_folders_equals_each_peft_adapter(tmp_path, kind):
     folders, theirs = {}, {}
     for seed, expert in enumerate(IDS):

@@ -42,7 +42,12 @@ def test_ids_are_validated():
     with pytest.raises(ValueError, match="at least one id"):
         peftkit.PromptTuningConfig(expert_ids=[])
     with pytest.raises(ValueError, match="prefix_projection"):
-        bank_model(peftkit.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, expert_ids=["a", "b"]))
+        peftkit.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, expert_ids=["a", "b"])
+    with pytest.raises(ValueError, match="not supported by p-tuning"):
+        peftkit.PromptEncoderConfig(num_virtual_tokens=2, expert_ids=["a"])
+    projected = bank_model(peftkit.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True))
+    with pytest.raises(ValueError, match="cannot hold a bank"):
+        projected.adapters["persona"].add_experts(["b"])
     index = ExpertIndex(["a"])
     with pytest.raises(KeyError, match="no expert 'b'"):
         index.row("b")

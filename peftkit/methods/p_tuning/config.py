@@ -41,6 +41,16 @@ class PromptEncoderConfig(PromptLearningConfig):
     def _any_case(cls, value: Any) -> Any:
         return coerce_upper(value)
 
+    @field_validator("expert_ids")
+    @classmethod
+    def _no_bank(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            raise ValueError(
+                "expert_ids (a bank) is not supported by p-tuning: its prompt encoder would be shared by every "
+                "expert; use prompt tuning or prefix tuning for a bank"
+            )
+        return value
+
     @field_validator("encoder_num_layers")
     @classmethod
     def _positive_layers(cls, value: int) -> int:

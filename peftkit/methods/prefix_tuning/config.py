@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
+
+from pydantic import model_validator
 
 from peftkit.methods.soft_prompt import PromptLearningConfig, model_geometry
 
@@ -23,6 +25,15 @@ class PrefixTuningConfig(PromptLearningConfig):
     """Reparameterise the prefix through ``Linear → tanh → Linear`` (Li & Liang, §4.3)."""
     init_weights: Literal["zero"] | None = None
     """``None``: PEFT's default init (N(0, 1) embeddings); ``"zero"``: start from a zero prefix."""
+
+    @model_validator(mode="after")
+    def _bank_without_projection(self) -> Self:
+        if self.expert_ids is not None and self.prefix_projection:
+            raise ValueError(
+                "expert_ids (a bank) cannot be combined with prefix_projection=True: the projection MLP would be "
+                "shared by every expert; use prefix_projection=False"
+            )
+        return self
 
     def resolved_for(self, model_config: Any) -> PrefixTuningConfig:
         config = super().resolved_for(model_config)
