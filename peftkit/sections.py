@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def import_user_module(name: str) -> None:
@@ -69,6 +69,16 @@ class ModelConfig(Section):
     keep theirs in float32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    device: str = "auto"
+    """Where the model runs: ``auto`` (the GPU when there is one; under ``torchrun`` each process's
+    own), ``cpu``, ``cuda`` or ``cuda:N``. Asking for a GPU that is not there is an error."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        from peftkit.device import check_device_setting
+
+        return check_device_setting(value)
 
 
 class SourceConfig(Section):

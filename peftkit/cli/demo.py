@@ -43,6 +43,7 @@ class DemoSettings:
     test_size: int = 400
     seed: int = 0
     output: Path = Path("runs/demo")
+    device: str = "auto"
 
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
@@ -51,8 +52,8 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     console.rule("[bold]peftkit demo: a soft prompt for movie-review sentiment")
 
     start = time.perf_counter()
-    model, tokenizer = load_base(settings.model)
-    console.print(f"Loaded [bold]{settings.model}[/] in {time.perf_counter() - start:.1f} s")
+    model, tokenizer = load_base(settings.model, device=settings.device)
+    console.print(f"Loaded [bold]{settings.model}[/] on {model.device} in {time.perf_counter() - start:.1f} s")
 
     split = {"test_size": settings.test_size, "seed": settings.seed}
     train = load_records("train", **split)
@@ -138,7 +139,7 @@ def show_generations(peft_model, tokenizer, reviews: list[dict[str, str]], conso
     """Greedy answers with and without the soft prompt, as a table."""
     tokenizer.padding_side = "left"
     prompts = [PROMPT_TEMPLATE.format(text=r["text"]) for r in reviews]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(peft_model.device)
     new = slice(batch["input_ids"].shape[1], None)
 
     def answers() -> list[str]:

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-size", type=int, default=400, help="held-out reviews (default 400)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="where the adapter and summary go")
+    demo.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
     train = commands.add_parser(
         "train",
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 test_size=args.test_size,
                 seed=args.seed,
                 output=args.output,
+                device=args.device,
             )
             run_demo(settings, console)
         elif args.command == "train":

@@ -87,10 +87,15 @@ class Batch:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> Batch:
-        """A ready-made batch (``input_ids``, ``attention_mask``, ``labels``) without a data position."""
+        """A ready-made batch (``input_ids``, ``attention_mask``, ``labels``) without a data position.
+
+        Only labels from column 1 on count: nothing predicts a row's first token (so ``labels=input_ids``,
+        the Hugging Face convention, counts ``L - 1`` targets per row).
+        """
         labels, mask = tensors["labels"], tensors.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else labels.numel()
-        return cls(dict(tensors), tokens, int((labels != IGNORE_INDEX).sum()), None)  # type: ignore[arg-type]
+        predicted = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return cls(dict(tensors), tokens, predicted, None)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from peftkit.data.batching import Encoded, collate
-from peftkit.evaluation.scoring import length_batches, pad_id, progress_bar
+from peftkit.evaluation.scoring import length_batches, on_model_device, pad_id, progress_bar
 
 GRAMMARS = ("json", "json_schema")
 
@@ -84,7 +84,7 @@ def generate_texts(
     with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(prompts))
         for number, rows in enumerate(length_batches([len(p) for p in prompts], batch_size)):
-            batch = collate([prompts[i] for i in rows], pad, padding_side="left")
+            batch = on_model_device(model, collate([prompts[i] for i in rows], pad, padding_side="left"))
             out = model.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],

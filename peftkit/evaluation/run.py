@@ -201,7 +201,7 @@ def build_model(config: EvalConfig) -> tuple[Any, Any, dict[str, list[str] | Non
     from peftkit.models.peft_model import PeftModel
 
     dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
-    base, tokenizer = load_base(config.model.name, dtype=dtype)
+    base, tokenizer = load_base(config.model.name, dtype=dtype, device=config.model.device)
     folders, variants = config.variant_adapters()
     model = None
     for name, folder in folders.items():

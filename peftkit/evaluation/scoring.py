@@ -12,22 +12,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from rich import get_console
 from rich.progress import Progress
 from torch import Tensor
 
 from peftkit.data.batching import Encoded, bucketed_order, collate, encode
+from peftkit.device import model_device
 from peftkit.methods.base import IGNORE_INDEX
+from peftkit.progress import ProgressLog, progress_display
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """A transient progress bar; off when disabled or when the output is not a terminal (where rich
-    would leave an empty line behind)."""
-    return Progress(disable=not enabled or not get_console().is_terminal, transient=True)
+def progress_bar(enabled: bool) -> Progress | ProgressLog:
+    """A transient progress bar on a terminal; off it, a plain line at intervals (a long evaluation in
+    a log is not silent)."""
+    return progress_display(enabled, transient=True, unit="examples")
 
 
 def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def on_model_device(model: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` moved to the device of ``model``'s parameters (CPU or GPU)."""
+    device = model_device(model)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -62,7 +69,7 @@ def choice_log_likelihoods(
         task = bar.add_task(description, total=len(prompts))
         for rows in length_batches([len(e) for e in encoded], batch_size):
             if single:
-                batch = collate([encoded[i] for i in rows], pad)
+                batch = on_model_device(model, collate([encoded[i] for i in rows], pad))
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
                 logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
                 scores[rows] = logprobs[:, [ids[0] for ids in choice_ids]].cpu()
@@ -113,6 +120,7 @@ def sequence_log_likelihoods(model: Any, batch: dict[str, Tensor]) -> tuple[Tens
     Logits are computed only at the labelled positions: ``(T, V)`` for the ``T`` labelled targets
     in row-major order.
     """
+    batch = on_model_device(model, batch)
     out = model(**batch, return_logits="labelled")
     following = batch["labels"][:, 1:]
     labelled = following != IGNORE_INDEX  # (B, L-1)
@@ -120,4 +128,4 @@ def sequence_log_likelihoods(model: Any, batch: dict[str, Tensor]) -> tuple[Tens
     logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     rows = labelled.nonzero()[:, 0]  # the row of each target
     sums = torch.zeros(batch["labels"].shape[0], dtype=torch.float64).index_add_(0, rows, logprobs.double().cpu())
-    return sums, labelled.sum(-1)
+    return sums, labelled.sum(-1).cpu()

@@ -10,6 +10,7 @@ detected on load and rebuilt. Nothing is ever downloaded from a model hub.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -18,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,26 +86,25 @@ def load_base(
     name_or_path: str | Path = DEFAULT_MODEL,
     *,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
 ) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` for an embedded alias or a local Hugging Face model folder.
+
+    ``device``: ``auto`` (the GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
         ModelNotAvailableError: the name is neither a folder nor a known alias (the message lists
             the aliases), or the alias's package is not installed.
     """
+    from peftkit.device import resolve_device
+
+    target = resolve_device(device)
     folder = resolve_model_folder(name_or_path)
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     tokenizer = load_tokenizer(folder)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    with quiet_transformers_bars():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(target)
     model.eval()
     if str(name_or_path) in EMBEDDED_MODELS:
         model.config.name_or_path = str(name_or_path)
@@ -159,13 +160,31 @@ def ensure_cached(model: EmbeddedModel) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """No tqdm bars from transformers inside (they would clutter our own progress and logs)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(model: EmbeddedModel, target: Path) -> None:
     """Dequantise the embedded GGUF into fp32 safetensors + tokenizer files in ``target``."""
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = model.gguf_path()
-    with Console(stderr=True).status(f"Converting {model.alias} from GGUF to safetensors (once, ~20 s)"):
+    console = Console(stderr=True)
+    message = f"Converting {model.alias} from GGUF to safetensors (once, ~20 s)"
+    if not console.is_terminal:  # a spinner shows nothing in a log
+        console.print(message, highlight=False)
+    with console.status(message), quiet_transformers_bars():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; after dequantisation it is a plain fp32 model.

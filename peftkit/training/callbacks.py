@@ -75,6 +75,8 @@ class TrainerState:
             "label_tokens": self.label_tokens,
             "train_seconds": self.train_seconds,
             "data_position": self.data_position.to_dict(),
+            "should_stop": self.should_stop,
+            "stop_reason": self.stop_reason,
         }
 
     def load_dict(self, data: dict[str, Any]) -> None:
@@ -82,6 +84,8 @@ class TrainerState:
             setattr(self, key, int(data[key]))
         self.train_seconds = float(data["train_seconds"])
         self.data_position = DataPosition.from_dict(data["data_position"])
+        self.should_stop = bool(data.get("should_stop", False))
+        self.stop_reason = data.get("stop_reason")
 
 
 class Callback:

@@ -142,7 +142,10 @@ def build_loss(name: str, options: dict[str, Any]) -> LossFn:
     if missing:
         raise ValueError(f"loss {name!r} needs option(s) {missing}")
     if inspect.isclass(function):
-        return function(**options)
+        instance = function(**options)
+        if needs_hidden:  # registered as needing them, whatever the class says
+            instance.needs_hidden_states = True
+        return instance
     loss = functools.partial(function, **options)
     loss.needs_hidden_states = needs_hidden  # type: ignore[attr-defined]
     return loss

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from peftkit.progress import progress_display
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -48,6 +50,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. resumed from another run's checkpoint
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record, default=_jsonable) + "\n")
         if self.writer is not None:
@@ -71,7 +74,8 @@ def _jsonable(value: Any) -> Any:
 
 
 class TrainingProgress:
-    """A rich progress bar: step, loss, learning rate, tokens/s, elapsed and remaining time."""
+    """Step, loss, learning rate, tokens/s, elapsed and remaining time: a live bar on a terminal, a
+    plain line every ``PEFTKIT_PROGRESS_INTERVAL`` seconds (default 30) when output goes to a log."""
 
     def __init__(self, total: int | None, description: str, enabled: bool, console: Console | None = None) -> None:
         columns = (
@@ -83,7 +87,7 @@ class TrainingProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
         )
-        self.progress = Progress(*columns, disable=not enabled, console=console, transient=False)
+        self.progress = progress_display(enabled, console, columns=columns, unit="steps", describe=_describe_step)
         self.task = self.progress.add_task(description, total=total, loss=math.nan, lr=0.0, tps=0.0)
 
     def __enter__(self) -> TrainingProgress:
@@ -95,6 +99,12 @@ class TrainingProgress:
 
     def update(self, completed: int, loss: float, lr: float, tokens_per_second: float) -> None:
         self.progress.update(self.task, completed=completed, loss=loss, lr=lr, tps=tokens_per_second)
+
+
+def _describe_step(fields: dict[str, Any]) -> str:
+    if math.isnan(fields.get("loss", math.nan)):
+        return ""
+    return f"loss {fields['loss']:.4f}, lr {fields['lr']:.2e}, {fields['tps']:.0f} tok/s"
 
 
 def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "training loss") -> Path | None:

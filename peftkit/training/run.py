@@ -132,7 +132,7 @@ def prepare_run(
     dist: Distributed | None = None,
 ) -> Run:
     """Build model, data, loss, callbacks and trainer for ``config`` (nothing is trained yet)."""
-    dist = dist or Distributed.from_environment()
+    dist = dist or Distributed.from_environment(config.model.device)
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
     if not resume and list_checkpoints(checkpoints):  # every process decides alike (one shared disk)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +31,14 @@ from torch import Tensor
 
 from peftkit.data.pipeline import Batch, TokenizedData
 from peftkit.methods.base import IGNORE_INDEX
-from peftkit.training import checkpoint as ckpt
 from peftkit.training.callbacks import Callback, CallbackList, TrainerState
 from peftkit.training.config import GradientHooksConfig, TrainingConfig
 from peftkit.training.distributed import Distributed
 from peftkit.training.gradients import run_gradient_hooks
 from peftkit.training.losses import CompositeLoss, CrossEntropy, LossInputs
-from peftkit.training.optim import LRSchedule, build_optimizer
 from peftkit.training.records import CURVE_FILE, MetricsLog, TrainingProgress, plot_loss_curve, read_metrics
+from peftkit.training.resume import load_trainer_checkpoint, save_trainer_checkpoint
+from peftkit.training.update import NonFiniteGradientError, ParameterUpdate
 
 Evaluator = Callable[[Any], dict[str, float]]
 
@@ -117,28 +116,43 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters (is the adapter frozen?)")
         self.device = self.params[0][1].device
-        self.optimizer = build_optimizer(config.optimizer, [p for _, p in self.params], config)
         self.state = TrainerState()
         self.per_epoch = data.batches_per_epoch() if isinstance(data, TokenizedData) else None
         self.state.total_steps = self._total_steps()
-        warmup = config.warmup_steps or round((config.warmup_ratio or 0.0) * self.state.total_steps)
-        self.schedule = LRSchedule(config.lr, self.state.total_steps, warmup, config.scheduler, config.min_lr_ratio)
+        self.update = ParameterUpdate(self.params, config, self.state.total_steps)
         writes = self.dist.is_main and self.output_dir is not None
         self.metrics = MetricsLog(self.output_dir if writes else None, tensorboard and writes)
         self.progress = TrainingProgress(self.state.total_steps, description, progress and self.dist.is_main, console)
         self.result = TrainResult(self.state)
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.update.optimizer
+
+    @property
+    def schedule(self) -> Any:
+        return self.update.schedule
+
+    @property
+    def epoch_limit(self) -> int | None:
+        """Passes over the data the run may make: ``epochs``; if unset, one without ``max_steps``, and
+        as many as ``max_steps`` needs with it."""
+        if self.config.epochs is not None:
+            return self.config.epochs
+        return 1 if self.config.max_steps is None else None
+
     def _total_steps(self) -> int:
-        """Optimiser steps of the run: ``max_steps``, or what ``epochs`` (default 1) amount to, whichever is
+        """Optimiser steps of the run: ``max_steps``, or what the epoch limit amounts to, whichever is
         fewer. Streamed data (unknown length) needs ``max_steps``; ``epochs`` then still stops it early."""
-        epochs, max_steps = self.config.epochs, self.config.max_steps
+        epochs, max_steps = self.epoch_limit, self.config.max_steps
         if self.per_epoch is None:
             if max_steps is None:
                 raise ValueError("training.max_steps is required when the number of batches is unknown (streamed data)")
             return max_steps
-        if epochs is None and max_steps is not None:
+        if epochs is None:
+            assert max_steps is not None
             return max_steps
-        steps = math.ceil((epochs or 1) * self.per_epoch / self.config.gradient_accumulation_steps)
+        steps = math.ceil(epochs * self.per_epoch / self.config.gradient_accumulation_steps)
         return min(steps, max_steps) if max_steps is not None else steps
 
     # ------------------------------------------------------------------ the loop
@@ -160,10 +174,11 @@ class Trainer:
                 if not micro:
                     break
                 metrics = self.train_step(micro)
-                if state.step % config.log_every == 0 or state.step == state.total_steps:
+                due = state.step % config.log_every == 0 or state.step == state.total_steps
+                if due or any(k.startswith("grad/") for k in metrics):
                     self.metrics.write(metrics)
                 self.callbacks.on_step_end(state, metrics)
-                if any(b.epoch_end for b in micro):
+                for _ in range(sum(b.epoch_end for b in micro)):  # a step may end several (tiny) epochs
                     state.epoch += 1
                     self.callbacks.on_epoch_end(state)
                 if config.eval_every and state.step % config.eval_every == 0 and self._can_evaluate():
@@ -191,33 +206,36 @@ class Trainer:
         label_tokens, tokens = int(counts[0]), int(counts[1])
         if label_tokens == 0:
             raise ValueError(f"step {state.step + 1}: its micro-batches have no labelled token")
-        sums = torch.zeros(len(self.loss.names), dtype=torch.float64)
+        sums = torch.zeros(len(self.loss.names) + 1, dtype=torch.float64)  # + the adapters' regularisation
         for batch in micro:
             if batch.rows == 0:  # a short last batch left this process no rows
                 continue
             with self._autocast():
                 total, parts = self.loss(self._loss_inputs(batch))
-            (total / label_tokens).backward()
-            sums += torch.stack([parts[n].double().cpu() for n in self.loss.names])
+                # The adapters' own term (AdaLoRA's orthogonality penalty) counts once per step: each
+                # micro-batch adds its share, in proportion to its label tokens (over all processes).
+                regularization = self._regularization()
+            share = batch.num_label_tokens / label_tokens
+            objective = total / label_tokens
+            if regularization is not None:
+                objective = objective + share * regularization
+                sums[-1] += share * float(regularization.detach())
+            objective.backward()
+            sums[:-1] += torch.stack([parts[n].double().cpu() for n in self.loss.names])
         sums = self.dist.sum_gradients_and([p for _, p in self.params], sums)
         components = {name: (sums[i] / label_tokens).item() for i, name in enumerate(self.loss.names)}
-        loss = sum(w * components[n] for n, w, _ in self.loss.components)
+        loss = sum(w * components[n] for n, w, _ in self.loss.components) + sums[-1].item()
+        if sums[-1]:
+            components["regularization"] = sums[-1].item()
         if not math.isfinite(loss):
             raise TrainingDivergedError(self._divergence(f"the loss became {loss}", components))
         gradient_stats: dict[str, Any] = {}
-        if self.hooks.hooks and self.dist.is_main and state.step % self.hooks.every == 0:
+        if self.hooks.hooks and self.dist.is_main and (state.step + 1) % self.hooks.every == 0:
             gradient_stats = run_gradient_hooks(self.hooks.hooks, [(n, p.grad) for n, p in self.params], self.hooks)
-        grads = [p.grad for _, p in self.params if p.grad is not None]
-        if self.config.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.config.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if not math.isfinite(grad_norm):
-            raise TrainingDivergedError(self._divergence(f"the gradient norm became {grad_norm}", components))
-        lr = self.schedule.apply(self.optimizer, state.step)
-        self.optimizer.step()
-        self.model.after_optimizer_step(state.step)  # before zero_grad: AdaLoRA reads the gradients
-        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            lr, grad_norm = self.update.apply(state.step, self.model)
+        except NonFiniteGradientError as exc:
+            raise TrainingDivergedError(self._divergence(str(exc), components)) from None
 
         seconds = time.perf_counter() - start
         state.step += 1
@@ -240,6 +258,10 @@ class Trainer:
         self.progress.update(state.step, loss, lr, self.result.tokens_per_second)
         return metrics
 
+    def _regularization(self) -> Tensor | None:
+        term = getattr(self.model, "regularization_loss", None)
+        return term() if term is not None else None
+
     def _loss_inputs(self, batch: Batch) -> LossInputs:
         tensors = {k: v.to(self.device) for k, v in batch.tensors.items()}
         out = self.model(**tensors, return_logits="labelled", output_hidden_states=self.loss.needs_hidden_states)
@@ -260,12 +282,12 @@ class Trainer:
         return (Batch.from_tensors(t) for t in self.data)
 
     def _epochs_done(self) -> bool:
-        return self.config.epochs is not None and self.state.epoch >= self.config.epochs
+        return self.epoch_limit is not None and self.state.epoch >= self.epoch_limit
 
     def _next_micro_batches(self, batches: Iterator[Batch]) -> list[Batch]:
         """The step's micro-batches: ``gradient_accumulation_steps`` of them, fewer at the end of the last epoch."""
         micro: list[Batch] = []
-        epochs_left = None if self.config.epochs is None else self.config.epochs - self.state.epoch
+        epochs_left = None if self.epoch_limit is None else self.epoch_limit - self.state.epoch
         for batch in batches:
             micro.append(batch)
             if batch.epoch_end and epochs_left is not None:
@@ -322,71 +344,11 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write the whole training state (rank 0); every process then hears ``on_checkpoint``."""
-        if self.checkpoint_root is None:
-            return None
-        rng = self.dist.gather(ckpt.capture_rng())
-        path = self.checkpoint_root / ckpt.checkpoint_name(self.state.step)
-        if self.dist.is_main:
-            optim_meta, optim_tensors = ckpt.optimizer_state(self.optimizer)
-            tensors = {**ckpt.trainable_tensors(self.params), **optim_tensors}
-            for rank, (_, rng_tensors) in enumerate(rng):
-                tensors.update({f"rng/rank{rank}/{k}": v for k, v in rng_tensors.items()})
-            for name, adapter in self.model.adapters.items():
-                if hasattr(adapter, "training_state_dict"):
-                    tensors.update({f"adapter/{name}/{k}": v for k, v in adapter.training_state_dict().items()})
-            meta = {
-                "trainer": self.state.to_dict(),
-                "schedule": self.schedule.state_dict(),
-                "optimizer": optim_meta,
-                "rng": [states for states, _ in rng],
-                "callbacks": self.callbacks.state_dict(),
-                "param_names": [n for n, _ in self.params],
-                "world_size": self.dist.world_size,
-                "resumable_data": isinstance(self.data, TokenizedData),
-            }
-            ckpt.write_checkpoint(
-                self.checkpoint_root,
-                self.state.step,
-                model=self.model,
-                meta=meta,
-                tensors=tensors,
-                config_text=self.config_text,
-                keep=self.config.keep_checkpoints,
-            )
-        self.dist.barrier()
-        self.state.last_checkpoint = path
-        self.callbacks.on_checkpoint(self.state, path)
-        return path
+        return save_trainer_checkpoint(self)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore everything :meth:`save_checkpoint` wrote; the next step is the one after it."""
-        saved = ckpt.read_checkpoint(path)
-        meta = saved.meta
-        if meta["world_size"] != self.dist.world_size:
-            raise ValueError(
-                f"{path} was written by {meta['world_size']} process(es); resume it with the same number "
-                f"(this run has {self.dist.world_size})"
-            )
-        if not meta["resumable_data"] or not isinstance(self.data, TokenizedData):
-            raise ValueError(f"{path}: resuming needs a data pipeline with a saved position (TokenizedData)")
-        ckpt.load_trainable_tensors(self.params, saved.tensors)
-        ckpt.load_optimizer_state(self.optimizer, meta["optimizer"], saved.tensors)
-        for name, adapter in self.model.adapters.items():
-            if hasattr(adapter, "load_training_state_dict"):
-                adapter.load_training_state_dict(_under(saved.tensors, f"adapter/{name}/"))
-        if meta["schedule"] != self.schedule.state_dict():
-            warnings.warn(
-                f"resuming with a different learning-rate schedule: the checkpoint's was {meta['schedule']}, "
-                f"this run's is {self.schedule.state_dict()} (the config changed)",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.state.load_dict(meta["trainer"])
-        self.callbacks.load_state_dict(meta["callbacks"])
-        self.state.last_checkpoint = Path(path)
-        self.metrics.truncate_after(self.state.step)
-        rank = self.dist.rank
-        ckpt.restore_rng(meta["rng"][rank], _under(saved.tensors, f"rng/rank{rank}/"))
+        load_trainer_checkpoint(self, path)
 
     def _write_final_outputs(self) -> None:
         assert self.output_dir is not None
@@ -397,7 +359,3 @@ class Trainer:
                 plot_loss_curve(read_metrics(self.metrics.path), self.output_dir / CURVE_FILE)
             self.metrics.close()
         self.dist.barrier()
-
-
-def _under(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -38,9 +38,32 @@ def labels_for(batch):
 
 
 def test_logits_line_up_with_the_users_tokens(model, method, batch):
+    """``logits[:, i]`` is the base model's output at the user's token ``i`` with the prompt in front,
+    computed here by hand: virtual embeddings concatenated before the tokens, or the key/value prefix
+    placed in a cache with positions shifted by its length."""
+    from transformers.cache_utils import DynamicCache
+
     peft_model = get_peft_model(model, CONFIGS[method]())
-    logits = peft_model(**batch).logits
-    assert logits.shape == (2, 7, VOCAB)
+    assert peft_model(**batch).logits.shape == (2, 7, VOCAB)
+    ids = batch["input_ids"][:1]  # the unpadded row
+    got = peft_model(input_ids=ids).logits
+    adapter = peft_model.adapters["default"]
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        if hasattr(adapter, "prompt"):  # prompt tuning, p-tuning
+            prompt = adapter.prompt().unsqueeze(0)
+            full = model(inputs_embeds=torch.cat([prompt, embeds], dim=1)).logits
+            expected = full[:, prompt.shape[1] :]
+        else:  # prefix tuning: (keys, values) per layer, each (1, H_kv, n, d)
+            prefix = peft_model.prepare_inputs(ids, routes={"default": torch.zeros(1, dtype=torch.long)}).prefix
+            cache = DynamicCache(config=model.config)
+            for layer, (keys, values) in enumerate(prefix):
+                cache.update(keys, values, layer)
+            n = prefix[0][0].shape[2]
+            positions = torch.arange(n, n + ids.shape[1]).unsqueeze(0)
+            mask = torch.ones(1, n + ids.shape[1], dtype=torch.long)
+            expected = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_loss_is_mean_next_token_cross_entropy(model, method, batch):
@@ -64,7 +87,15 @@ def test_loss_trains_the_prompt_to_predict_the_first_token(llama):
     peft_model = get_peft_model(llama, PromptTuningConfig(num_virtual_tokens=3))
     ids = torch.tensor([[5, 6, 7]])
     labels = torch.tensor([[5, -100, -100]])
-    assert torch.isfinite(peft_model(input_ids=ids, labels=labels).loss)
+    loss = peft_model(input_ids=ids, labels=labels).loss
+    # by hand: the logits after the last virtual token, scored against the first user token
+    prompt = peft_model.adapters["default"].prompt().unsqueeze(0)
+    embeds = torch.cat([prompt, llama.get_input_embeddings()(ids)], dim=1)
+    last_virtual = llama(inputs_embeds=embeds).logits[:, 2]
+    torch.testing.assert_close(loss, F.cross_entropy(last_virtual, torch.tensor([5])))
+    # and it trains the prompt: the gradient reaches the virtual tokens
+    loss.backward()
+    assert peft_model.adapters["default"].embedding.weight.grad.abs().sum() > 0
 
 
 def test_left_padding_gives_the_unpadded_result(model, method):
