@@ -73,6 +73,9 @@ class Batch:
         num_label_tokens: labelled tokens in this rank's rows (the loss normaliser's share).
         position: the position *after* this batch.
         epoch_end: this is the last batch of its epoch.
+        routes: per row, adapter name → expert id (many-expert data, :mod:`peftkit.data.experts`).
+        step_end: many-expert data: the last micro-batch of an optimiser step (``None``: the
+            trainer counts ``gradient_accumulation_steps``).
     """
 
     tensors: dict[str, Tensor]
@@ -80,6 +83,8 @@ class Batch:
     num_label_tokens: int
     position: DataPosition
     epoch_end: bool = False
+    routes: list[dict[str, Any]] | None = None
+    step_end: bool | None = None
 
     @property
     def rows(self) -> int:

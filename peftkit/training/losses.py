@@ -261,7 +261,8 @@ class CompositeLoss:
     def names(self) -> list[str]:
         return [n for n, _, _ in self.components]
 
-    def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, inputs: LossInputs, weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``weights`` ``(T,)``: a factor per labelled token in the total (many experts: ``1 / N_e``)."""
         count = inputs.targets.numel()
         total = inputs.logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, Tensor] = {}
@@ -269,5 +270,8 @@ class CompositeLoss:
             value = fn(inputs)
             summed = value.sum() if value.ndim else value * count  # a scalar is a per-token mean
             parts[name] = summed.detach()
-            total = total + weight * summed
+            if weights is None:
+                total = total + weight * summed
+            else:
+                total = total + weight * ((value * weights).sum() if value.ndim else value * weights.sum())
         return total, parts

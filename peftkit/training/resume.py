@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from peftkit.data.experts import ExpertData
 from peftkit.data.pipeline import TokenizedData
 from peftkit.training import checkpoint as ckpt
 
@@ -42,7 +43,7 @@ def save_trainer_checkpoint(trainer: Trainer) -> Path | None:
             "callbacks": trainer.callbacks.state_dict(),
             "param_names": [n for n, _ in trainer.params],
             "world_size": trainer.dist.world_size,
-            "resumable_data": isinstance(trainer.data, TokenizedData),
+            "resumable_data": isinstance(trainer.data, TokenizedData | ExpertData),
         }
         ckpt.write_checkpoint(
             trainer.checkpoint_root,
@@ -68,16 +69,17 @@ def load_trainer_checkpoint(trainer: Trainer, path: str | Path) -> None:
             f"{path} was written by {meta['world_size']} process(es); resume it with the same number "
             f"(this run has {trainer.dist.world_size})"
         )
-    if not meta["resumable_data"] or not isinstance(trainer.data, TokenizedData):
+    if not meta["resumable_data"] or not isinstance(trainer.data, TokenizedData | ExpertData):
         raise ValueError(f"{path}: resuming needs a data pipeline with a saved position (TokenizedData)")
     trainer.update.load_state(meta, saved.tensors)
     for name, adapter in trainer.model.adapters.items():
         if hasattr(adapter, "load_training_state_dict"):
             adapter.load_training_state_dict(_under(saved.tensors, f"adapter/{name}/"))
-    if meta["schedule"] != trainer.schedule.state_dict():
+    schedule = trainer.update.schedule_state()
+    if meta["schedule"] != schedule:
         warnings.warn(
             f"resuming with a different learning-rate schedule: the checkpoint's was {meta['schedule']}, "
-            f"this run's is {trainer.schedule.state_dict()} (the config changed)",
+            f"this run's is {schedule} (the config changed)",
             UserWarning,
             stacklevel=3,
         )

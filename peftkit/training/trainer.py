@@ -29,11 +29,13 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
+from peftkit.data.experts import ExpertData
 from peftkit.data.pipeline import Batch, TokenizedData
 from peftkit.methods.base import IGNORE_INDEX
 from peftkit.training.callbacks import Callback, CallbackList, TrainerState
 from peftkit.training.config import GradientHooksConfig, TrainingConfig
 from peftkit.training.distributed import Distributed
+from peftkit.training.experts import ExpertUpdate, trainable_bank
 from peftkit.training.gradients import run_gradient_hooks
 from peftkit.training.losses import CompositeLoss, CrossEntropy, LossInputs
 from peftkit.training.records import CURVE_FILE, MetricsLog, TrainingProgress, plot_loss_curve, read_metrics
@@ -118,12 +120,29 @@ class Trainer:
         self.device = self.params[0][1].device
         self.state = TrainerState()
         self.per_epoch = data.batches_per_epoch() if isinstance(data, TokenizedData) else None
-        self.state.total_steps = self._total_steps()
-        self.update = ParameterUpdate(self.params, config, self.state.total_steps)
+        self.update: ParameterUpdate | ExpertUpdate
+        if isinstance(data, ExpertData):  # many experts, each trained as if alone
+            self.update, self.expert_steps = self._expert_update(data)
+            self.state.total_steps = max(self.expert_steps.values())
+        else:
+            self.state.total_steps = self._total_steps()
+            self.update = ParameterUpdate(self.params, config, self.state.total_steps)
         writes = self.dist.is_main and self.output_dir is not None
         self.metrics = MetricsLog(self.output_dir if writes else None, tensorboard and writes)
         self.progress = TrainingProgress(self.state.total_steps, description, progress and self.dist.is_main, console)
         self.result = TrainResult(self.state)
+
+    def _expert_update(self, data: ExpertData) -> tuple[ExpertUpdate, dict[str, int]]:
+        found = trainable_bank(self.model)
+        if found is None:
+            raise ValueError("many-expert data needs one bank adapter whose experts train (see docs/experts.md)")
+        if self.config.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "training.gradient_accumulation_steps must be 1 with many experts: each step already takes every "
+                "expert's batch in micro-batches of data.micro_batch_size rows"
+            )
+        steps = data.steps(self.config.epochs, self.config.max_steps)
+        return ExpertUpdate(*found, self.config, steps), steps
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -201,6 +220,9 @@ class Trainer:
     def train_step(self, micro: Sequence[Batch]) -> dict[str, Any]:
         """One optimiser step over ``micro`` (this process's share of each micro-batch)."""
         state, start = self.state, time.perf_counter()
+        experts = self.update if isinstance(self.update, ExpertUpdate) else None
+        if experts is not None:
+            experts.count(micro, self.dist)
         local = [sum(b.num_label_tokens for b in micro), sum(b.num_tokens for b in micro)]
         counts = self.dist.sum_(torch.tensor(local, dtype=torch.float64))
         label_tokens, tokens = int(counts[0]), int(counts[1])
@@ -210,13 +232,14 @@ class Trainer:
         for batch in micro:
             if batch.rows == 0:  # a short last batch left this process no rows
                 continue
+            weights = experts.token_weights(batch) if experts is not None else None
             with self._autocast():
-                total, parts = self.loss(self._loss_inputs(batch))
+                total, parts = self.loss(self._loss_inputs(batch), weights)
                 # The adapters' own term (AdaLoRA's orthogonality penalty) counts once per step: each
                 # micro-batch adds its share, in proportion to its label tokens (over all processes).
                 regularization = self._regularization()
             share = batch.num_label_tokens / label_tokens
-            objective = total / label_tokens
+            objective = total if weights is not None else total / label_tokens  # weights: 1 / N_e per token
             if regularization is not None:
                 objective = objective + share * regularization
                 sums[-1] += share * float(regularization.detach())
@@ -264,7 +287,10 @@ class Trainer:
 
     def _loss_inputs(self, batch: Batch) -> LossInputs:
         tensors = {k: v.to(self.device) for k, v in batch.tensors.items()}
-        out = self.model(**tensors, return_logits="labelled", output_hidden_states=self.loss.needs_hidden_states)
+        routing = {"experts": batch.routes} if batch.routes is not None else {}
+        out = self.model(
+            **tensors, **routing, return_logits="labelled", output_hidden_states=self.loss.needs_hidden_states
+        )
         following = tensors["labels"][:, 1:]
         targets = following[following != IGNORE_INDEX]
         if out.logits.shape[0] != targets.numel():
@@ -277,11 +303,15 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _batches(self) -> Iterator[Batch]:
+        if isinstance(self.data, ExpertData):
+            return self.data.batches(self.expert_steps, self.state.data_position)
         if isinstance(self.data, TokenizedData):
             return self.data.batches(self.state.data_position)
         return (Batch.from_tensors(t) for t in self.data)
 
     def _epochs_done(self) -> bool:
+        if isinstance(self.data, ExpertData):  # each expert stops after its own run's steps
+            return False
         return self.epoch_limit is not None and self.state.epoch >= self.epoch_limit
 
     def _next_micro_batches(self, batches: Iterator[Batch]) -> list[Batch]:
@@ -290,6 +320,10 @@ class Trainer:
         epochs_left = None if self.epoch_limit is None else self.epoch_limit - self.state.epoch
         for batch in batches:
             micro.append(batch)
+            if batch.step_end is not None:  # many experts: the data says where a step ends
+                if batch.step_end:
+                    break
+                continue
             if batch.epoch_end and epochs_left is not None:
                 epochs_left -= 1
                 if epochs_left == 0:

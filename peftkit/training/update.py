@@ -65,6 +65,9 @@ class ParameterUpdate:
         return lr, norm
 
     # ------------------------------------------------------------------ checkpoints
+    def schedule_state(self) -> dict[str, Any]:
+        return self.schedule.state_dict()
+
     def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """JSON-able state and tensors for a checkpoint."""
         meta, tensors = ckpt.optimizer_state(self.optimizer)
