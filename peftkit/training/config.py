@@ -188,6 +188,27 @@ class CallbackConfig(BaseModel):
         return self
 
 
+class ExpertsConfig(Section):
+    """Many experts in one run: each trains exactly as it would alone (see docs/experts.md).
+
+    Every record names its expert in ``field``; the ``bank`` adapter holds one table row per
+    expert (created from the ids found in ``data.train``, or grown onto a bank loaded with
+    ``from_pretrained``). Other adapters apply to every row, unless ``routes`` routes them per row
+    by a record field (e.g. a frozen cluster bank by ``cluster``). Train in stages by running
+    twice: first the cluster bank (``field: cluster``), then the persona bank on top of it
+    (frozen, ``routes: {cluster: cluster}``).
+    """
+
+    field: str = "expert"
+    """The record field naming each row's expert (its id in the bank)."""
+    bank: str | None = None
+    """The adapter holding the bank that trains (default: the only trainable adapter)."""
+    routes: dict[str, str] = Field(default_factory=dict)
+    """Adapter name → record field: adapters (frozen banks) applied per row by that field's value."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Rows per forward pass; a step holds every expert's batch (default: ``training.batch_size``)."""
+
+
 class RunConfig(ImportsUserCode):
     """A whole training run (the YAML file)."""
 
@@ -210,6 +231,8 @@ class RunConfig(ImportsUserCode):
     evaluation: TaskEvaluationConfig | None = None
     """Task metrics (accuracy, F1, JSON validity, ...) on ``data.eval`` at ``training.eval_every``, logged
     as ``eval/<metric>``: see docs/evaluation.md."""
+    experts: ExpertsConfig | None = None
+    """Many experts in one run, each as if trained alone (a bank adapter, records naming their expert)."""
     output_dir: str = "runs/train"
     """Where checkpoints, the final adapter, metrics.jsonl and loss_curve.png go."""
     tensorboard: bool = False
@@ -241,7 +264,30 @@ class RunConfig(ImportsUserCode):
         if len(self.loss) == 0:
             raise ValueError("loss needs at least one component")
         check_evaluation_setup(self)  # evaluation needs data.eval; best_checkpoint needs a checkpoint per eval
+        if self.experts is not None:
+            self._check_experts(self.experts)
         return self
+
+    def _check_experts(self, experts: ExpertsConfig) -> None:
+        trainable = [n for n, spec in self.adapters.items() if spec.get("trainable", True)]
+        bank = experts.bank or (trainable[0] if len(trainable) == 1 else None)
+        if bank is None:
+            raise ValueError(f"experts.bank: name the adapter that holds the experts (trainable: {trainable})")
+        if bank not in self.adapters:
+            raise ValueError(f"experts.bank = {bank!r}: no such adapter (adapters: {sorted(self.adapters)})")
+        if trainable != [bank]:
+            raise ValueError(
+                f"experts: only the bank {bank!r} may train (each expert alone); "
+                f"set trainable: false on {sorted(set(trainable) - {bank})}"
+            )
+        unknown = sorted(set(experts.routes) - set(self.adapters))
+        if unknown:
+            raise ValueError(f"experts.routes names no adapter {unknown} (adapters: {sorted(self.adapters)})")
+        if self.training.gradient_accumulation_steps != 1:
+            raise ValueError("experts: training.gradient_accumulation_steps must be 1 (use experts.micro_batch_size)")
+        if self.data.train.streaming:
+            raise ValueError("experts: data.train cannot be streamed (each expert's rows are grouped first)")
+        experts.bank = bank
 
     def peft_configs(self) -> dict[str, Any]:
         """Adapter name → validated ``PeftConfig`` (``None`` for ``from_pretrained`` adapters)."""

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from peftkit.data.experts import ExpertData
 from peftkit.data.formatters import get_formatter
 from peftkit.data.pipeline import TokenizedData
 from peftkit.data.sources import open_source
@@ -29,6 +30,7 @@ from peftkit.training.distributed import Distributed
 from peftkit.training.losses import CompositeLoss
 from peftkit.training.overrides import dump_run_config
 from peftkit.training.trainer import Evaluator, Trainer, TrainResult
+from peftkit.training.update import ParameterUpdate
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Run:
     model: Any
     tokenizer: Any
     trainer: Trainer
-    train_data: TokenizedData
+    train_data: TokenizedData | ExpertData
     dist: Distributed
 
 
@@ -54,16 +56,34 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def expert_ids(config: RunConfig) -> list[str]:
+    """The experts named in ``data.train`` (``experts.field``), in order of first appearance."""
+    assert config.experts is not None
+    field, seen = config.experts.field, {}
+    for index, record in enumerate(open_source(config.data.train)):
+        value = record.get(field)
+        if value in (None, ""):
+            raise ValueError(f"data.train: record {index} has no {field!r} (experts.field)")
+        seen.setdefault(str(value), None)
+    return list(seen)
+
+
 def build_model(config: RunConfig, device: torch.device) -> tuple[Any, Any]:
-    """The base model with every configured adapter attached and active."""
+    """The base model with every configured adapter attached and active (with ``experts``, the bank
+    adapter holds one row per expert of ``data.train``)."""
     from peftkit.models.loading import load_base
     from peftkit.models.peft_model import PeftModel, get_peft_model
 
     dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
     base, tokenizer = load_base(config.model.name, dtype=dtype, device=device)
+    bank, ids = (config.experts.bank, expert_ids(config)) if config.experts is not None else (None, [])
     peft_model = None
     for (name, spec), peft_config in zip(config.adapters.items(), config.peft_configs().values(), strict=True):
         trainable = spec.get("trainable", True)
+        if name == bank and peft_config is not None:
+            if not hasattr(peft_config, "expert_ids"):
+                raise ValueError(f"experts.bank = {name!r}: {peft_config.peft_type} cannot hold a bank of experts")
+            peft_config = peft_config.model_copy(update={"expert_ids": ids})
         if "from_pretrained" in spec:
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(
@@ -79,13 +99,35 @@ def build_model(config: RunConfig, device: torch.device) -> tuple[Any, Any]:
         if not trainable:
             peft_model.adapters[name].freeze()
     assert peft_model is not None
+    if bank is not None and "from_pretrained" in config.adapters[bank]:  # grow a saved bank by the new experts
+        adapter = peft_model.adapters[bank]
+        held = set(getattr(adapter, "experts", ()))
+        new = [i for i in ids if i not in held]
+        if new:
+            adapter.add_experts(new)
     peft_model.set_adapter(list(config.adapters))
     if config.model.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable()
     return peft_model, tokenizer
 
 
-def build_data(config: RunConfig, tokenizer: Any, dist: Distributed) -> tuple[TokenizedData, TokenizedData | None]:
+def expert_route(config: RunConfig) -> Any:
+    """``record -> {adapter: expert}``: the bank by ``experts.field``, routed adapters by their
+    field, every other adapter on every row (its single expert)."""
+    assert config.experts is not None
+    e = config.experts
+    fields = {e.bank: e.field, **e.routes}
+    fixed = {name: 0 for name in config.adapters if name not in fields}
+
+    def route(record: Any) -> dict[str, Any]:
+        return {**fixed, **{name: str(record[field]) for name, field in fields.items()}}
+
+    return route
+
+
+def build_data(
+    config: RunConfig, tokenizer: Any, dist: Distributed
+) -> tuple[TokenizedData | ExpertData, TokenizedData | None]:
     d, t = config.data, config.training
     formatter = get_formatter(d.formatter, tokenizer, **d.formatter_options)
     common = {
@@ -96,10 +138,19 @@ def build_data(config: RunConfig, tokenizer: Any, dist: Distributed) -> tuple[To
         "rank": dist.rank,
         "world_size": dist.world_size,
     }
-    train = TokenizedData(
-        open_source(d.train), formatter, tokenizer, batch_size=t.batch_size, shuffle=d.shuffle, seed=t.seed,
-        name="data.train", **common,
-    )  # fmt: skip
+    train: TokenizedData | ExpertData
+    if config.experts is not None:
+        per_expert = {k: v for k, v in common.items() if k not in ("rank", "world_size")}
+        train = ExpertData(
+            open_source(d.train), formatter, tokenizer, route=expert_route(config), expert_field=config.experts.field,
+            batch_size=t.batch_size, micro_batch_size=config.experts.micro_batch_size, shuffle=d.shuffle,
+            seed=t.seed, rank=dist.rank, world_size=dist.world_size, name="data.train", **per_expert,
+        )  # fmt: skip
+    else:
+        train = TokenizedData(
+            open_source(d.train), formatter, tokenizer, batch_size=t.batch_size, shuffle=d.shuffle, seed=t.seed,
+            name="data.train", **common,
+        )  # fmt: skip
     evaluation = None
     if d.eval is not None:
         evaluation = TokenizedData(
@@ -227,11 +278,18 @@ def describe_run(run: Run, start: Path | None, console: Console) -> None:
     if dropped:
         data += f" ({dropped} dropped: {stats.dropped_too_long} too long, {stats.dropped_unlabelled} unlabelled)"
     console.print(f"[bold]data[/] {run.train_data.source.name}: {data}, formatter {c.data.formatter}")
+    if c.experts is not None:
+        count = len(run.train_data.experts) if isinstance(run.train_data, ExpertData) else 0
+        console.print(
+            f"[bold]experts[/] {count} in bank {c.experts.bank!r} by field {c.experts.field!r}, each trained as if "
+            "alone (own loss normalisation, clipping, schedule and optimiser state)"
+        )
     tc = c.training
+    warmup = f"{t.schedule.warmup} warmup" if isinstance(t.update, ParameterUpdate) else "per expert"
     console.print(
         f"[bold]steps[/] {t.state.total_steps}  [bold]batch[/] {tc.batch_size} × {tc.gradient_accumulation_steps} "
         f"accumulation  [bold]processes[/] {run.dist.world_size}  [bold]lr[/] {tc.lr:g} "
-        f"({tc.scheduler}, {t.schedule.warmup} warmup)  [bold]output[/] {c.output_dir}"
+        f"({tc.scheduler}, {warmup})  [bold]output[/] {c.output_dir}"
     )
     if start is not None:
         console.print(f"[bold]resuming[/] from {start}")

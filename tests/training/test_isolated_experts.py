@@ -4,6 +4,8 @@ The oracle is the ordinary single-adapter run: torch's own AdamW / SGD, ``clip_g
 schedule, on one expert's rows only, in the order a run of its own reads them.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -103,3 +105,103 @@ def test_resume_is_exact_and_state_is_keyed_by_expert(tmp_path):
     assert meta["optimizer"]["experts"] == list(SIZES)
     _, resumed = together(training, output=tmp_path / "b", resume=tmp_path / "a" / "checkpoints" / "step-000003")
     torch.testing.assert_close(resumed, straight, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------- the command line, and torchrun
+def write_expert_run(folder, tiny, output):
+    import json
+
+    rows = [json.loads(line) for line in (tiny / "train.jsonl").read_text().splitlines()][:30]
+    with open(folder / "experts.jsonl", "w") as handle:
+        for i, row in enumerate(rows):
+            handle.write(json.dumps({**row, "user": f"u{i % 4}"}) + "\n")  # 4 experts, 7-8 rows each
+    config = folder / "experts.yaml"
+    config.write_text(
+        f"model: {{name: {tiny}}}\n"
+        "adapters:\n  persona: {peft_type: PROMPT_TUNING, num_virtual_tokens: 3}\n"
+        f"data:\n  train: {folder / 'experts.jsonl'}\n"
+        "training: {lr: 0.05, epochs: 2, batch_size: 2, warmup_steps: 1, max_grad_norm: 0.5, weight_decay: 0.01}\n"
+        "experts: {field: user, micro_batch_size: 6}\n"
+        f"output_dir: {output}\n"
+    )
+    return config
+
+
+@pytest.mark.slow
+def test_train_command_and_two_processes_keep_experts_isolated(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.training.test_distributed import environment
+
+    config = write_expert_run(tmp_path, tiny_folder, tmp_path / "unused")
+    train = ["-m", "peftkit.cli.main", "train", str(config), "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run(
+        [sys.executable, *train, f"output_dir={one}"], env=environment(), capture_output=True, text=True, timeout=300
+    )
+    assert single.returncode == 0, single.stdout + single.stderr
+    assert "experts 4 in bank 'persona' by field 'user'" in single.stdout
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    double = subprocess.run(
+        [*launcher, *train, f"output_dir={two}"], env=environment(), capture_output=True, text=True, timeout=300
+    )
+    assert double.returncode == 0, double.stdout + double.stderr
+    a = load_file(one / "adapter" / "persona" / "adapter_model.safetensors")["prompt_embeddings"]
+    b = load_file(two / "adapter" / "persona" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert a.shape == (4, 3, 32)
+    difference = float((a - b).abs().max())
+    assert difference <= 1e-5, difference
+    print(f"experts, 1 vs 2 processes: max |dw| {difference:.2e}")
+
+
+def test_optimizer_state_follows_expert_ids_into_a_grown_bank(tmp_path):
+    """A checkpoint's optimiser rows are keyed by expert id: loaded into a bank that gained an expert
+    (and holds the old ones in another order), each old expert gets its own moments and step count."""
+    from peftkit.training.experts import ExpertUpdate
+
+    training = config("adamw", checkpoint_every=3, keep_checkpoints=5)
+    trainer, table = together(training, output=tmp_path / "a")
+    saved = ckpt.read_checkpoint(tmp_path / "a" / "checkpoints" / "step-000003")
+
+    grown_ids = ["dee", "cy", "ann", "bob"]
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=TOKENS, expert_ids=grown_ids))
+    update = ExpertUpdate("default", model.adapters["default"], training, dict.fromkeys(grown_ids, 8))
+    update.load_state(saved.meta, saved.tensors)
+    old = {e: i for i, e in enumerate(SIZES)}
+    for row, expert in enumerate(grown_ids):
+        if expert == "dee":
+            fresh = update.moments["embedding.weight"]["exp_avg"].view(4, -1)[row]
+            assert int(update.steps[row]) == 0 and not fresh.any()
+            continue
+        assert int(update.steps[row]) == 3
+        before = saved.tensors["param/embedding.weight"].view(3, TOKENS, -1)[old[expert]]
+        torch.testing.assert_close(model.adapters["default"].table[row].detach(), before)
+        moments = saved.tensors["expert_optim/embedding.weight/exp_avg"][old[expert]]
+        torch.testing.assert_close(update.moments["embedding.weight"]["exp_avg"].view(4, -1)[row], moments)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"adapters": {"a": {"peft_type": "PROMPT_TUNING"}, "b": {"peft_type": "LORA"}}}, "experts.bank: name"),
+        ({"experts": {"bank": "nope"}}, "experts.bank = 'nope': no such adapter"),
+        ({"experts": {"routes": {"cluster": "c"}}}, "experts.routes names no adapter ['cluster']"),
+        ({"training": {"gradient_accumulation_steps": 2}}, "gradient_accumulation_steps must be 1"),
+    ],
+)
+def test_experts_config_errors_name_the_field(changes, message):
+    from peftkit.training.config import ConfigError
+    from peftkit.training.overrides import validate_config
+
+    tree = {
+        "adapters": {"persona": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2}},
+        "data": {"train": "rotten_tomatoes"},
+        "experts": {"field": "user"},
+    }
+    for key, value in changes.items():
+        tree[key] = {**tree.get(key, {}), **value} if key == "experts" else value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(tree)
