@@ -74,6 +74,17 @@ def adapter_folder(path: str | Path) -> Path:
     raise ValueError(f"no {CONFIG_NAME} in {path} (nor in {path / 'adapter'}): not an adapter folder")
 
 
+class ExpertEvalConfig(Section):
+    """Metrics per expert (each group of examples routed to its own expert), and mean ± std over experts."""
+
+    field: str = "expert"
+    """The record field naming each example's expert: examples are grouped by it, and every active
+    bank holding that id applies it to the group."""
+    cluster_field: str | None = None
+    """A second field (e.g. ``cluster``): a bank holding that value instead applies it (a cluster bank
+    under a persona bank, or the fallback for a persona the persona bank does not hold)."""
+
+
 class EvalConfig(ImportsUserCode):
     """A whole evaluation (the YAML file of ``peftkit eval``)."""
 
@@ -91,6 +102,8 @@ class EvalConfig(ImportsUserCode):
     targets: list[str | dict[str, Any]] = Field(default_factory=list)
     """Quality targets: ``"f1_macro >= 0.8"`` or ``{metric, op, value, variants}``. A failing target
     makes ``peftkit eval`` exit with status 1."""
+    experts: ExpertEvalConfig | None = None
+    """Also report every metric per expert and its mean ± std over experts (``per_expert.json``)."""
     output_dir: str = "runs/eval"
     """Where report.json, report.md, predictions.jsonl and the PNG plots go."""
     training_run: str | None = None
@@ -214,6 +227,30 @@ def build_model(config: EvalConfig) -> tuple[Any, Any, dict[str, list[str] | Non
     return model.eval(), tokenizer, variants
 
 
+def per_expert_report(config: EvalConfig, task: Any, model: Any, variants: dict[str, Any], console: Console) -> Path:
+    """Every variant once per expert group; prints mean ± std and writes ``per_expert.json``."""
+    import json
+
+    from peftkit.data.sources import open_source
+    from peftkit.evaluation.experts import breakdown_table, evaluate_per_expert, expert_groups
+
+    assert config.experts is not None
+    records = list(open_source(config.data.eval))
+    groups = expert_groups(records, config.experts.field)
+    clusters = {}
+    if config.experts.cluster_field is not None:
+        clusters = {e: str(records[rows[0]].get(config.experts.cluster_field)) for e, rows in groups.items()}
+    breakdowns = {
+        name: evaluate_per_expert(task, model, groups, adapters=spec, clusters=clusters)
+        for name, spec in variants.items()
+    }
+    console.print(breakdown_table(breakdowns, f"Per {config.experts.field}: mean ± std over {len(groups)}"))
+    path = Path(config.output_dir) / "per_expert.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({n: b.to_dict() for n, b in breakdowns.items()}, indent=1) + "\n")
+    return path
+
+
 def run_evaluation(config: EvalConfig, *, progress: bool = True, console: Console | None = None) -> EvaluationReport:
     """Evaluate every variant of ``config`` on its examples; write and print the report."""
     from peftkit.data.formatters import get_formatter
@@ -242,6 +279,8 @@ def run_evaluation(config: EvalConfig, *, progress: bool = True, console: Consol
     report = task.compare(model, variants, progress=progress, console=console, info=info)
     written = report.write(config.output_dir, training_run=config.training_run, plots=config.plots)
     console.print(report.table())
+    if config.experts is not None:
+        written["per_expert"] = per_expert_report(config, task, model, variants, console)
     targets = report.targets_table()
     if targets is not None:
         console.print(targets)

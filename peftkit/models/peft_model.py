@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftkit.config import PeftConfig
+from peftkit.experts.bank import expert_row
 from peftkit.experts.routes import ExpertRoutes, expert_routes
 from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
@@ -141,6 +142,19 @@ class PeftModel(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     @contextlib.contextmanager
+    def use_experts(self, experts: dict[str, str | int]) -> Iterator[None]:
+        """Inside, every row of a call without ``experts=`` / ``adapter_names=`` uses these experts of the
+        active bank adapters (adapter name → expert id or index; others keep their single expert).
+
+        Per call context, like :meth:`disable_adapter`: e.g. evaluating one persona's examples.
+        """
+        for name, expert in experts.items():
+            self._check_names([name])
+            expert_row(self.adapters[name], expert, name)  # an unknown expert fails here, by name
+        with self.routing.experts_scope(experts):
+            yield
+
+    @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this context the model computes exactly what the base model computes.
 
@@ -249,8 +263,9 @@ class PeftModel(nn.Module):
         if experts is not None:
             return expert_routes(self, experts, batch_size, device)
         if adapter_names is None:
-            rows = torch.zeros(batch_size, dtype=torch.long, device=device)
-            return dict.fromkeys(self.active_adapters, rows)
+            chosen = self.routing.experts or {}  # use_experts(): every row the same expert of each bank
+            rows = {name: expert_row(self.adapters[name], chosen.get(name, 0), name) for name in self.active_adapters}
+            return {name: torch.full((batch_size,), row, device=device) for name, row in rows.items()}
         if len(adapter_names) != batch_size:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows")
         self._check_names(sorted(set(adapter_names) - {BASE_ADAPTER_NAME}))

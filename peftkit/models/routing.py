@@ -27,6 +27,7 @@ class _CallState:
     rows: dict[str, Tensor] | None = None
     disabled: bool = False
     selection: dict[str, Tensor | None] | None = field(default=None, repr=False)
+    experts: dict[str, str | int] | None = None
 
 
 class Routing:
@@ -56,17 +57,28 @@ class Routing:
     def disabled(self) -> bool:
         return self._state().disabled
 
+    @property
+    def experts(self) -> dict[str, str | int] | None:
+        return self._state().experts
+
     @contextlib.contextmanager
     def scope(self, rows: dict[str, Tensor]) -> Iterator[None]:
         """Publish ``rows`` to the wrapped layers for the duration of one call (this context only)."""
-        with self._replaced(_CallState(rows, self.disabled)):
+        with self._replaced(_CallState(rows, self.disabled, experts=self.experts)):
             yield
 
     @contextlib.contextmanager
     def disabled_scope(self) -> Iterator[None]:
         """Inside, calls that pass no explicit routing use no adapter (``disable_adapter()``)."""
         state = self._state()
-        with self._replaced(_CallState(state.rows, True)):
+        with self._replaced(_CallState(state.rows, True, experts=state.experts)):
+            yield
+
+    @contextlib.contextmanager
+    def experts_scope(self, experts: dict[str, str | int]) -> Iterator[None]:
+        """Inside, calls that pass no explicit routing give every row these experts of the active banks."""
+        state = self._state()
+        with self._replaced(_CallState(state.rows, state.disabled, experts=dict(experts))):
             yield
 
     @contextlib.contextmanager
