@@ -29,7 +29,8 @@ class ExpertBreakdown:
     Attributes:
         values: expert id → metric values (as a variant's ``values``).
         examples: expert id → how many examples it had.
-        levels: expert id → what served it: ``expert``, ``cluster`` or ``fallback`` (no bank applied).
+        levels: expert id → what served it: ``expert``, ``cluster``, ``fallback`` (no bank applied) or
+            ``base`` (the variant is the base model).
     """
 
     values: dict[str, dict[str, float | None]] = field(default_factory=dict)
@@ -68,8 +69,10 @@ def expert_groups(records: Sequence[Mapping[str, Any]], field_name: str) -> dict
 
 
 def bank_routes(model: Any, expert: str, cluster: str | None) -> tuple[dict[str, str | None], str]:
-    """Each active bank's expert for a group, and the level that served it."""
+    """Each active bank's expert for a group, and the level that served it (``base``: adapters off)."""
     routes: dict[str, str | None] = {}
+    if getattr(model, "_adapters_disabled", False):
+        return routes, "base"
     level = "fallback"
     for name in getattr(model, "active_adapters", ()):
         adapter = model.adapters[name]
