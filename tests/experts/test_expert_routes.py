@@ -35,7 +35,7 @@ def alone(model, kind, route, ids, labels=None):
             model.delete_adapter("oracle")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_mixed_batch_logits_equal_each_row_alone(arch, kind, padding):
