@@ -21,6 +21,7 @@ only expert has index ``0``, id ``"0"``). :func:`expert_row` turns what a caller
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -47,7 +48,7 @@ class ExpertIndex:
         for expert_id in ids:
             if not isinstance(expert_id, str) or not expert_id:
                 raise ValueError(f"expert ids must be non-empty strings, got {expert_id!r}")
-        duplicates = sorted({i for i in ids if i in self._rows} | {i for i in ids if ids.count(i) > 1})
+        duplicates = sorted({i for i, count in Counter(ids).items() if count > 1 or i in self._rows})
         if duplicates:
             raise ValueError(f"expert id(s) already in the bank or repeated: {duplicates[:10]}")
         start = len(self._ids)

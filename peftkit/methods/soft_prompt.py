@@ -230,7 +230,9 @@ class PromptBank:
         return rows
 
     def gather_rows(self, rows: Tensor) -> Tensor:
-        """Each row's own prompt: ``(n, W)`` for a bank of one, else ``(B, n, W)`` (zeros where ``-1``)."""
+        """Each row's own prompt: ``(n, W)`` for a bank of one, else ``(B, n, W)``.
+
+        Rows with ``-1`` get row 0's prompt; the caller masks them (they are not served)."""
         if self.num_experts == 1:
             return self.table[0]
         return self.table.index_select(0, rows.clamp_min(0))
@@ -241,12 +243,12 @@ class PromptBank:
         return {"prompt_embeddings": table if self.is_bank else table[0]}
 
     def load_bank_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load ``prompt_embeddings``: ``(N, n, W)`` into a bank; PEFT's ``(n, W)`` into a bank of one."""
         n, width = self.config.num_virtual_tokens, self.embedding.weight.shape[1]
-        key = "prompt_embeddings"
-        if self.is_bank and not (self.num_experts == 1 and state_dict.get(key, torch.empty(0)).dim() == 2):
-            tensor = expect_tensor(state_dict, key, (self.num_experts, n, width))
-        else:
-            tensor = expect_tensor(state_dict, key, (n, width))
+        given = state_dict.get("prompt_embeddings")
+        single = not self.is_bank or (self.num_experts == 1 and given is not None and given.dim() == 2)
+        shape = (n, width) if single else (self.num_experts, n, width)
+        tensor = expect_tensor(state_dict, "prompt_embeddings", shape)
         with torch.no_grad():
             self.embedding.weight.copy_(tensor.reshape(-1, width))
 

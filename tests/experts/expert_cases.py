@@ -34,6 +34,12 @@ def composed_model(arch, kind):
     return model
 
 
+def right_padded(lengths, seed=1):
+    ids, mask = left_padded(lengths, seed)
+    order = torch.argsort(mask, dim=1, descending=True, stable=True)  # real tokens first, in order
+    return ids.gather(1, order), mask.gather(1, order)
+
+
 def left_padded(lengths, seed=1):
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)

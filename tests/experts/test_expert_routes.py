@@ -11,10 +11,10 @@ import torch
 import peftkit
 from peftkit.experts.bank import expert_row
 from tests.conftest import tiny_model
-from tests.experts.expert_cases import LENGTHS, ROWS, composed_model, left_padded, soft_config
+from tests.experts.expert_cases import LENGTHS, ROWS, composed_model, left_padded, right_padded, soft_config
 
 
-def alone(model, kind, route, ids):
+def alone(model, kind, route, ids, labels=None):
     """The row on its own: one single-prompt adapter holding cat(cluster row, persona row)."""
     parts = [
         model.adapters[name].table[expert_row(model.adapters[name], route[name])]
@@ -28,22 +28,25 @@ def alone(model, kind, route, ids):
         model.adapters["oracle"].load_adapter_state_dict({"prompt_embeddings": prompt}, trainable=False)
         oracle_route["oracle"] = 0
     try:
-        return model(input_ids=ids, experts=[oracle_route]).logits[0]
+        out = model(input_ids=ids, labels=labels, experts=[oracle_route])
+        return out if labels is not None else out.logits[0]
     finally:
         if parts:
             model.delete_adapter("oracle")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
-def test_mixed_batch_logits_equal_each_row_alone(arch, kind):
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_mixed_batch_logits_equal_each_row_alone(arch, kind, padding):
     model = composed_model(arch, kind)
-    ids, mask = left_padded(LENGTHS)
+    ids, mask = (left_padded if padding == "left" else right_padded)(LENGTHS)
     logits = model(input_ids=ids, attention_mask=mask, experts=ROWS).logits
     assert logits.shape == (6, 6, 128)
-    for row, (route, length) in enumerate(zip(ROWS, LENGTHS, strict=True)):
-        expected = alone(model, kind, route, ids[row : row + 1, -length:])
-        torch.testing.assert_close(logits[row, -length:], expected, atol=1e-5, rtol=1e-5)
+    for row, route in enumerate(ROWS):
+        real = mask[row].bool()
+        expected = alone(model, kind, route, ids[row : row + 1, real])
+        torch.testing.assert_close(logits[row, real], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
@@ -58,11 +61,25 @@ def test_mixed_batch_greedy_tokens_equal_each_row_alone(kind):
         assert out[row, -6:].tolist() == single[0, -6:].tolist()
 
 
-def test_loss_of_a_mixed_batch_trains_each_rows_own_expert():
-    model = composed_model("llama", "prompt_tuning")
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_loss_of_a_mixed_batch_trains_each_rows_own_expert(kind):
+    model = composed_model("llama", kind)
     ids, mask = left_padded(LENGTHS)
+    # Labels as a completion-only pipeline writes them: none on padding, none on the first token (with
+    # left padding a pad would "predict" it, as in Hugging Face models; alone nothing does).
     labels = torch.where(mask.bool(), ids, -100)
+    for row, length in enumerate(LENGTHS):
+        labels[row, -length] = -100
     loss = model(input_ids=ids, attention_mask=mask, labels=labels, experts=ROWS).loss
+    # the batch loss is the token-weighted mean of each row's loss alone
+    total, count = 0.0, 0
+    for row, (route, length) in enumerate(zip(ROWS, LENGTHS, strict=True)):
+        row_labels = labels[row : row + 1, -length:]
+        with torch.no_grad():
+            row_loss = alone(model, kind, route, ids[row : row + 1, -length:], labels=row_labels).loss
+        targets = length - 1
+        total, count = total + row_loss * targets, count + targets
+    torch.testing.assert_close(loss.detach(), total / count, atol=1e-5, rtol=1e-5)
     loss.backward()
     grad = model.adapters["persona"].embedding.weight.grad.view(10, 3, -1)
     used = {3, 7, 9}
