@@ -18,8 +18,15 @@ from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig, Prom
 from peftkit.methods.soft_prompt import PromptLearningConfig
 from peftkit.methods.vera import Vera, VeraConfig
 from peftkit.models import BASE_ADAPTER_NAME, PeftModel, get_peft_model, load_base, load_tokenizer
-
-PeftModelForCausalLM = PeftModel
+from peftkit.models.task_models import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +35,7 @@ __all__ = [
     "BOFT",
     "CONFIG_NAME",
     "IA3",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "OFT",
     "WEIGHTS_NAME",
     "AdaLora",
@@ -44,6 +52,11 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "PeftType",
     "PrefixTuning",
     "PrefixTuningConfig",
