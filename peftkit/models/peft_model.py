@@ -33,7 +33,7 @@ from peftkit.models.forward import is_checkpointing, run_base_model, user_logits
 from peftkit.models.merging import merge_adapters, unmerge_adapters
 from peftkit.models.routing import Routing
 from peftkit.models.tasks import is_causal_lm, keep_given_config, prepare_task_config
-from peftkit.models.tuner_model import AdapterHost, TunerModel
+from peftkit.models.tuner_model import PEFT_TYPE_TO_TUNER_MAPPING, AdapterHost, TunerModel
 
 __all__ = ["BASE_ADAPTER_NAME", "PeftModel", "get_peft_model", "is_checkpointing", "user_logits"]
 
@@ -80,10 +80,14 @@ class PeftModel(nn.Module):
         super().__init__()
         if low_cpu_mem_usage:
             raise NotImplementedError(NO_LOW_CPU_MEM)
-        if isinstance(model, TunerModel):
-            model = model.model
-        prompt_first = peft_config is not None and peft_config.is_prompt_learning
-        self.base_model = model if prompt_first else TunerModel(model, self)
+        if isinstance(model, TunerModel):  # built by a tuner class (LoraModel(model, config)): it is ours
+            object.__setattr__(model, "_peft_model", self)
+            self.base_model = model
+        elif peft_config is not None and peft_config.is_prompt_learning:
+            self.base_model = model
+        else:
+            tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_config.peft_type, TunerModel) if peft_config else TunerModel
+            self.base_model = tuner(model, peft_model=self)
         self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self.adapters: dict[str, Adapter] = {}
@@ -263,6 +267,60 @@ class PeftModel(nn.Module):
             del self.peft_config[name]
         self.active_adapters = []
         return self.get_base_model()
+
+    # ------------------------------------------------------------------ PEFT's inspection API
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Paths (in the user's model) of the layers weight adapters target, in the order they were added."""
+        names: list[str] = []
+        for adapter in self.adapters.values():
+            names.extend(getattr(adapter, "parts", {}))
+        return names
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The ``modules_to_save`` names of every adapter (``None`` if there are none)."""
+        names = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    def get_layer_status(self) -> list[Any]:
+        """One ``TunerLayerStatus`` per adapted layer (see :func:`peftkit.models.status.get_layer_status`)."""
+        from peftkit.models.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The ``TunerModelStatus`` summary (see :func:`peftkit.models.status.get_model_status`)."""
+        from peftkit.models.status import get_model_status
+
+        return get_model_status(self)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Make the named adapters trainable (or frozen), leaving the others as they are."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
+        for name in names:
+            if requires_grad:
+                self.adapters[name].unfreeze()
+            else:
+                self.adapters[name].freeze()
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the embedding output require grad, so checkpointed layers get gradients (as PEFT)."""
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(lambda _m, _i, output: output.requires_grad_(True))
+        return model
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.get_base_model(), "dtype", None)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """An adapter is active and ``disable_adapter()`` is not on."""
+        return bool(self.active_adapters) and not self._adapters_disabled
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -471,6 +529,13 @@ class PeftModel(nn.Module):
         names = list(selected_adapters) if selected_adapters is not None else list(self.adapters)
         self._check_names(names)
         save_adapters(self, save_directory, names)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str | Path) -> None:
+        """Write or update ``output_dir/README.md`` with PEFT's model-card metadata (see ``model_card.py``)."""
+        from peftkit.models.model_card import write_model_card
+
+        write_model_card(self, output_dir)
 
     @classmethod
     def from_pretrained(

@@ -48,16 +48,50 @@ FROM_PEFT_MODEL = frozenset(
 class TunerModel(nn.Module):
     """The user's model as ``.model``, with PEFT's tuner-model surface.
 
+    Built by :class:`~peftkit.PeftModel` (its ``base_model``), or by a user as in PEFT:
+    ``LoraModel(model, config, "default")`` places the adapter in ``model`` and owns it.
+
     Args:
         model: the user's model (adapters are placed inside its layers).
+        config: an adapter config (or ``{name: config}``) to add right away, as PEFT's tuner models do.
+        adapter_name: the name of that adapter.
+        low_cpu_mem_usage: accepted for PEFT compatibility; only ``False`` is supported.
+        state_dict: accepted for PEFT compatibility; only ``None`` is supported.
         peft_model: the :class:`~peftkit.PeftModel` that owns the adapters (not a submodule, so the
             module tree has no cycle).
     """
 
-    def __init__(self, model: nn.Module, peft_model: PeftModel | None = None) -> None:
+    #: The ``peft_type`` this tuner class stands for in PEFT (``None``: any).
+    peft_type: str | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Any = None,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+        *,
+        peft_model: PeftModel | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         object.__setattr__(self, "_peft_model", peft_model)
+        if state_dict is not None:
+            raise NotImplementedError("state_dict= is not supported; load weights with set_peft_model_state_dict")
+        if config is None:
+            return
+        from peftkit.models.peft_model import PeftModel
+
+        configs = config if isinstance(config, dict) else {adapter_name: config}
+        for name, one in configs.items():
+            if self.peft_type is not None and one.peft_type != self.peft_type:
+                raise ValueError(f"{type(self).__name__} takes {self.peft_type} configs, got {one.peft_type}")
+            if self._peft_model is None:
+                PeftModel(self, one, name, low_cpu_mem_usage=low_cpu_mem_usage)  # sets self._peft_model
+            else:
+                self._peft_model.add_adapter(name, one, low_cpu_mem_usage=low_cpu_mem_usage)
+        self._peft_model.set_adapter(adapter_name if adapter_name in configs else next(iter(configs)))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -72,6 +106,27 @@ class TunerModel(nn.Module):
         if owner is not None and name in FROM_PEFT_MODEL:
             return object.__getattribute__(owner, name)
         return getattr(self.model, name)
+
+
+def _tuner_class(name: str, peft_type: str) -> type[TunerModel]:
+    doc = f"PEFT's ``{name}``: the tuner model of {peft_type} adapters (see :class:`TunerModel`)."
+    return type(name, (TunerModel,), {"peft_type": peft_type, "__doc__": doc, "__module__": __name__})
+
+
+LoraModel = _tuner_class("LoraModel", "LORA")
+AdaLoraModel = _tuner_class("AdaLoraModel", "ADALORA")
+IA3Model = _tuner_class("IA3Model", "IA3")
+LoHaModel = _tuner_class("LoHaModel", "LOHA")
+LoKrModel = _tuner_class("LoKrModel", "LOKR")
+OFTModel = _tuner_class("OFTModel", "OFT")
+BOFTModel = _tuner_class("BOFTModel", "BOFT")
+VeraModel = _tuner_class("VeraModel", "VERA")
+
+#: ``peft_type`` → tuner-model class (PEFT's ``PEFT_TYPE_TO_TUNER_MAPPING`` for the shipped methods).
+PEFT_TYPE_TO_TUNER_MAPPING: dict[str, type[TunerModel]] = {
+    cls.peft_type: cls  # type: ignore[misc]
+    for cls in (LoraModel, AdaLoraModel, IA3Model, LoHaModel, LoKrModel, OFTModel, BOFTModel, VeraModel)
+}
 
 
 class AdapterHost:
