@@ -179,8 +179,10 @@ class PeftModel(nn.Module):
             adapter.freeze()
         return adapter
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several at once (e.g. a soft prompt on top of a LoRA).
+
+        ``inference_mode=True`` also freezes the activated adapters (as in PEFT).
 
         Activation does not change which adapters train (unlike PEFT, which freezes inactive ones):
         an adapter is trainable unless it was loaded with ``is_trainable=False`` / ``inference_mode``
@@ -189,6 +191,9 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_names(names)
         self.active_adapters = names
+        if inference_mode:
+            for name in names:
+                self.adapters[name].freeze()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter completely (a merged one is unmerged first, so the base weights come back).
@@ -514,11 +519,23 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | Path,
-        selected_adapters: Sequence[str] | None = None,
         safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Write each adapter as PEFT does: ``default`` at the top, others in a subfolder."""
+        """Write each adapter as PEFT does: ``default`` at the top, others in a subfolder, plus ``README.md``.
+
+        ``save_embedding_layers`` is accepted for PEFT compatibility (targeted embedding layers' weights
+        are written as the adapter defines them); ``path_initial_model_for_weight_conversion`` (PiSSA /
+        OLoRA conversion) and hub options in ``kwargs`` are refused.
+        """
+        if path_initial_model_for_weight_conversion is not None or kwargs:
+            raise NotImplementedError(
+                "path_initial_model_for_weight_conversion and hub options are not supported by save_pretrained"
+            )
         if not safe_serialization:
             raise ValueError(
                 "peftkit writes safetensors only: safe_serialization=False would write a pickle, which can run "
