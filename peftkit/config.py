@@ -237,9 +237,9 @@ class PeftConfig(BaseModel):
         return cls.from_dict(kwargs)
 
     @classmethod
-    def from_json_file(cls, path: str | Path, **kwargs: Any) -> Self:
+    def from_json_file(cls, path_json_file: str | Path, **kwargs: Any) -> Self:
         _refuse_hub_options("from_json_file", kwargs)
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(Path(path_json_file).read_text()))
 
     @classmethod
     def from_pretrained(

@@ -43,7 +43,8 @@ def is_causal_lm(model: nn.Module) -> bool:
 def prepare_task_config(peft_model: PeftModel, model: nn.Module, config: PeftConfig) -> PeftConfig:
     """Check ``config`` against the model and the task; return the config the adapter is built from.
 
-    Updates ``config`` in place as PEFT does: the task's head names join ``modules_to_save``, and a
+    Updates ``config`` in place as PEFT does: the task's head names join ``modules_to_save`` (once: PEFT
+    appends them again on every load), and a
     ``task_type`` left at its default on a model that is not a causal LM becomes ``None`` (PEFT's
     default, so the saved file loads in PEFT as a plain ``PeftModel``). The returned copy leaves out
     head names that match no module of this model (PEFT lists both ``classifier`` and ``score`` and
@@ -64,9 +65,10 @@ def prepare_task_config(peft_model: PeftModel, model: nn.Module, config: PeftCon
     if not heads or "modules_to_save" not in type(config).model_fields:
         return config
     given = list(config.modules_to_save or [])
-    config.modules_to_save = [*given, *heads]
-    present = [h for h in heads if _has_module(model, h)]
-    return config.model_copy(update={"modules_to_save": list(dict.fromkeys([*given, *present])) or None})
+    if config.modules_to_save is None or any(h not in given for h in heads):
+        config.modules_to_save = [*given, *[h for h in heads if h not in given]]
+    kept = [m for m in config.modules_to_save if m not in heads or _has_module(model, m)]
+    return config.model_copy(update={"modules_to_save": kept or None})
 
 
 def keep_given_config(given: PeftConfig, resolved: PeftConfig) -> None:

@@ -53,7 +53,7 @@ class TunerModel(nn.Module):
 
     Args:
         model: the user's model (adapters are placed inside its layers).
-        config: an adapter config (or ``{name: config}``) to add right away, as PEFT's tuner models do.
+        peft_config: an adapter config (or ``{name: config}``) to add right away, as PEFT's tuner models do.
         adapter_name: the name of that adapter.
         low_cpu_mem_usage: accepted for PEFT compatibility; only ``False`` is supported.
         state_dict: accepted for PEFT compatibility; only ``None`` is supported.
@@ -67,7 +67,7 @@ class TunerModel(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        config: Any = None,
+        peft_config: Any = None,
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
         state_dict: dict | None = None,
@@ -79,11 +79,11 @@ class TunerModel(nn.Module):
         object.__setattr__(self, "_peft_model", peft_model)
         if state_dict is not None:
             raise NotImplementedError("state_dict= is not supported; load weights with set_peft_model_state_dict")
-        if config is None:
+        if peft_config is None:
             return
         from peftkit.models.peft_model import PeftModel
 
-        configs = config if isinstance(config, dict) else {adapter_name: config}
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, one in configs.items():
             if self.peft_type is not None and one.peft_type != self.peft_type:
                 raise ValueError(f"{type(self).__name__} takes {self.peft_type} configs, got {one.peft_type}")
