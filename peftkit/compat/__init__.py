@@ -20,7 +20,6 @@ from peftkit.compat.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from peftkit.compat.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from peftkit.compat.functions import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
@@ -41,6 +40,7 @@ from peftkit.compat.state_dict import (
     set_peft_model_state_dict,
 )
 from peftkit.compat.unsupported import PLACEHOLDERS, MultitaskPromptTuningInit, UnsupportedMethodError
+from peftkit.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 
 __all__ = [
     "PEFT_TYPE_TO_CONFIG_MAPPING",

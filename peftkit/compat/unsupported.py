@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 from typing import Any, NoReturn
 
-from peftkit.compat.errors import PeftError
 from peftkit.config import SHIPPED_METHODS
+from peftkit.errors import PeftError
 
 
 class UnsupportedMethodError(PeftError, NotImplementedError):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftkit.config import PeftConfig
+from peftkit.errors import NoMatchingPeftModuleError
 from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
 from peftkit.models.files import load_adapter_weights, save_adapters
@@ -169,7 +170,12 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
         model = self.get_base_model()
         task_config = prepare_task_config(self, model, peft_config)
-        adapter = adapter_class_for(peft_config).create(model, task_config, adapter_name, **context)
+        try:
+            adapter = adapter_class_for(peft_config).create(model, task_config, adapter_name, **context)
+        except ValueError as error:
+            if "matches no module" in str(error):  # PEFT's error class for this case (still a ValueError)
+                raise NoMatchingPeftModuleError(str(error)) from error
+            raise
         adapter.attach(AdapterHost(self), adapter_name)
         self.adapters[adapter_name] = adapter
         keep_given_config(peft_config, adapter.config)

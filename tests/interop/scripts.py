@@ -373,3 +373,11 @@ def task_from_pretrained(lib: Any, folder: Path) -> dict[str, Any]:
     seq_model.save_pretrained(folder)
     loaded = lib.PeftModel.from_pretrained(llama_seq_cls(), folder)
     return {"class": type(loaded).__name__, "logits": loaded(input_ids=IDS, attention_mask=MASK).logits}
+
+
+def no_matching_module(lib: Any) -> dict[str, Any]:
+    try:
+        lib.get_peft_model(tiny_model("llama"), lib.LoraConfig(task_type="CAUSAL_LM", target_modules=["nope"]))
+    except lib.NoMatchingPeftModuleError as error:
+        return {"error": type(error).__name__, "value_error": isinstance(error, ValueError)}
+    return {"error": None}

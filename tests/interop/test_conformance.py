@@ -49,6 +49,7 @@ SCRIPTS = [
     scripts.load_weights,
     scripts.get_peft_config,
     scripts.kbit_preparation,
+    scripts.no_matching_module,
 ]
 NEEDS_FOLDER = {
     scripts.from_pretrained_keeps_config,
