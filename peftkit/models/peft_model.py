@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -29,8 +28,9 @@ from peftkit.config import PeftConfig
 from peftkit.errors import NoMatchingPeftModuleError
 from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
-from peftkit.models.files import load_adapter_weights, save_adapters
+from peftkit.models.files import PeftFiles
 from peftkit.models.forward import is_checkpointing, run_base_model, user_logits
+from peftkit.models.inspection import PeftInspection
 from peftkit.models.merging import merge_adapters, unmerge_adapters
 from peftkit.models.routing import Routing
 from peftkit.models.tasks import is_causal_lm, keep_given_config, prepare_task_config
@@ -44,7 +44,7 @@ BASE_ADAPTER_NAME = "__base__"
 """Name that routes a row of a mixed batch to the bare base model (as in PEFT)."""
 
 
-class PeftModel(nn.Module):
+class PeftModel(PeftFiles, PeftInspection, nn.Module):
     """A base model with one or more adapters (drop-in for ``peft.PeftModel``).
 
     Soft prompts need a causal LM; weight adapters work on any ``nn.Module`` (a transformers model
@@ -279,60 +279,6 @@ class PeftModel(nn.Module):
         self.active_adapters = []
         return self.get_base_model()
 
-    # ------------------------------------------------------------------ PEFT's inspection API
-    @property
-    def targeted_module_names(self) -> list[str]:
-        """Paths (in the user's model) of the layers weight adapters target, in the order they were added."""
-        names: list[str] = []
-        for adapter in self.adapters.values():
-            names.extend(getattr(adapter, "parts", {}))
-        return names
-
-    @property
-    def modules_to_save(self) -> set[str] | None:
-        """The ``modules_to_save`` names of every adapter (``None`` if there are none)."""
-        names = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or [])}
-        return names or None
-
-    def get_layer_status(self) -> list[Any]:
-        """One ``TunerLayerStatus`` per adapted layer (see :func:`peftkit.models.status.get_layer_status`)."""
-        from peftkit.models.status import get_layer_status
-
-        return get_layer_status(self)
-
-    def get_model_status(self) -> Any:
-        """The ``TunerModelStatus`` summary (see :func:`peftkit.models.status.get_model_status`)."""
-        from peftkit.models.status import get_model_status
-
-        return get_model_status(self)
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Make the named adapters trainable (or frozen), leaving the others as they are."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._check_names(names)
-        for name in names:
-            if requires_grad:
-                self.adapters[name].unfreeze()
-            else:
-                self.adapters[name].freeze()
-
-    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
-        """Make the embedding output require grad, so checkpointed layers get gradients (as PEFT)."""
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        elif hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings().register_forward_hook(lambda _m, _i, output: output.requires_grad_(True))
-        return model
-
-    @property
-    def base_model_torch_dtype(self) -> torch.dtype | None:
-        return getattr(self.get_base_model(), "dtype", None)
-
-    @property
-    def has_active_enabled_adapter(self) -> bool:
-        """An adapter is active and ``disable_adapter()`` is not on."""
-        return bool(self.active_adapters) and not self._adapters_disabled
-
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
@@ -520,114 +466,6 @@ class PeftModel(nn.Module):
         if kwargs.get("return_dict_in_generate") or kwargs.get("output_scores"):
             return generate_with_output(self, generate, *args, **kwargs)
         return generate(self, *args, **kwargs)
-
-    # ------------------------------------------------------------------ files
-    def save_pretrained(
-        self,
-        save_directory: str | Path,
-        safe_serialization: bool = True,
-        selected_adapters: Sequence[str] | None = None,
-        save_embedding_layers: str | bool = "auto",
-        is_main_process: bool = True,
-        path_initial_model_for_weight_conversion: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Write each adapter as PEFT does: ``default`` at the top, others in a subfolder, plus ``README.md``.
-
-        ``save_embedding_layers`` is accepted for PEFT compatibility (targeted embedding layers' weights
-        are written as the adapter defines them); ``path_initial_model_for_weight_conversion`` (PiSSA /
-        OLoRA conversion) and hub options in ``kwargs`` are refused.
-        """
-        if path_initial_model_for_weight_conversion is not None or kwargs:
-            raise NotImplementedError(
-                "path_initial_model_for_weight_conversion and hub options are not supported by save_pretrained"
-            )
-        if not safe_serialization:
-            raise ValueError(
-                "peftkit writes safetensors only: safe_serialization=False would write a pickle, which can run "
-                "arbitrary code when loaded"
-            )
-        if not is_main_process:
-            return
-        names = list(selected_adapters) if selected_adapters is not None else list(self.adapters)
-        self._check_names(names)
-        save_adapters(self, save_directory, names)
-        self.create_or_update_model_card(save_directory)
-
-    def create_or_update_model_card(self, output_dir: str | Path) -> None:
-        """Write or update ``output_dir/README.md`` with PEFT's model-card metadata (see ``model_card.py``)."""
-        from peftkit.models.model_card import write_model_card
-
-        write_model_card(self, output_dir)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | Path,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: PeftConfig | None = None,
-        autocast_adapter_dtype: bool = True,
-        ephemeral_gpu_offload: bool = False,
-        low_cpu_mem_usage: bool = False,
-        key_mapping: dict[str, str] | None = None,
-        subfolder: str | None = None,
-        **context: Any,
-    ) -> PeftModel:
-        """Load an adapter folder written by peftkit or PEFT onto ``model``.
-
-        As in PEFT, called on ``PeftModel`` it returns the task class the config's ``task_type`` names
-        (``PeftModelForSequenceClassification``, ...), and a ``config`` given is the object kept in
-        ``peft_config`` (its ``inference_mode`` set from ``is_trainable``).
-
-        Args:
-            is_trainable: keep the adapter trainable (to resume training); otherwise it is frozen.
-        """
-        if ephemeral_gpu_offload or key_mapping:
-            raise NotImplementedError("ephemeral_gpu_offload and key_mapping are not supported by peftkit")
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        config = config if config is not None else PeftConfig.from_pretrained(folder)
-        if config.inference_mode != (not is_trainable):
-            config.inference_mode = not is_trainable
-        if cls is PeftModel:
-            from peftkit.models.task_models import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
-
-            cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type), PeftModel)
-        peft_model = cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, initialize=False, **context)
-        peft_model._load_weights(adapter_name, folder, is_trainable)
-        return peft_model
-
-    def load_adapter(
-        self,
-        model_id: str | Path,
-        adapter_name: str,
-        is_trainable: bool = False,
-        torch_device: str | None = None,
-        autocast_adapter_dtype: bool = True,
-        ephemeral_gpu_offload: bool = False,
-        low_cpu_mem_usage: bool = False,
-        key_mapping: dict[str, str] | None = None,
-        **context: Any,
-    ) -> Adapter:
-        """Load another adapter folder onto this model under ``adapter_name`` (not activated).
-
-        Unlike PEFT (which returns the load result), this returns the adapter object.
-        """
-        if torch_device is not None or ephemeral_gpu_offload or key_mapping:
-            raise NotImplementedError("torch_device, ephemeral_gpu_offload, key_mapping: not supported by peftkit")
-        config = PeftConfig.from_pretrained(model_id)
-        if config.inference_mode != (not is_trainable):
-            config.inference_mode = not is_trainable
-        adapter = self.add_adapter(
-            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, initialize=False, **context
-        )
-        self._load_weights(adapter_name, Path(model_id), is_trainable)
-        return adapter
-
-    def _load_weights(self, adapter_name: str, folder: Path, trainable: bool) -> None:
-        device = next(iter(self.get_base_model().parameters())).device
-        load_adapter_weights(self.adapters[adapter_name], folder, trainable=trainable, device=device)
 
 
 def get_peft_model(

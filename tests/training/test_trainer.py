@@ -170,7 +170,7 @@ def test_checkpoint_contents(tmp_path):
     folder = tmp_path / "checkpoints" / "step-000003"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter", "config.yaml", ckpt.STATE_JSON, ckpt.STATE_TENSORS]
     adapter_files = sorted(p.name for p in (folder / "adapter").iterdir())
-    assert adapter_files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert adapter_files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # PEFT's layout
     meta = json.loads((folder / ckpt.STATE_JSON).read_text())
     assert meta["trainer"]["step"] == 3 and meta["trainer"]["data_position"] == {"epoch": 0, "record": 0, "batch": 3}
     assert meta["param_names"] == ["prompt_encoder.default.embedding.weight"]
