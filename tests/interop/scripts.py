@@ -226,6 +226,7 @@ def seq_cls(lib: Any) -> dict[str, Any]:
     out = model(input_ids=IDS, attention_mask=MASK, labels=labels)
     return {
         "class": type(model).__name__,
+        "same_object": model.peft_config["default"] is config,
         "modules_to_save": config.modules_to_save,
         "keys": sorted(weights),
         "trainable": model.get_nb_trainable_parameters(),
