@@ -11,6 +11,7 @@ accepted only at PEFT's default value.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import warnings
@@ -24,29 +25,98 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class TaskType(enum.StrEnum):
-    """The task the adapted model solves. peftkit adapts causal language models."""
+    """The task the adapted model solves (PEFT's members).
 
+    Weight adapters serve every task (the base model's own forward runs with the adapters inside its
+    layers); soft prompts need a causal LM (``CAUSAL_LM`` or ``None``).
+    """
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
     CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
 class PeftType(enum.StrEnum):
-    """The adaptation method, spelled as in PEFT's ``peft_type`` field."""
+    """The adaptation method, spelled as in PEFT's ``peft_type`` field.
+
+    Every PEFT member exists so that a name read from a file or a script resolves; only the methods
+    in :data:`SHIPPED_METHODS` are implemented, the others raise an error naming them.
+    """
 
     PROMPT_TUNING = "PROMPT_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
     P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
     LORA = "LORA"
     ADALORA = "ADALORA"
+    ADAMSS = "ADAMSS"
+    BOFT = "BOFT"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
     IA3 = "IA3"
+    BEFT = "BEFT"
+    LILY = "LILY"
     LOHA = "LOHA"
     LOKR = "LOKR"
     OFT = "OFT"
-    BOFT = "BOFT"
+    POLY = "POLY"
+    LN_TUNING = "LN_TUNING"
     VERA = "VERA"
+    FROD = "FROD"
+    PVERA = "PVERA"
+    FOURIERFT = "FOURIERFT"
+    GLORA = "GLORA"
+    XLORA = "XLORA"
+    HRA = "HRA"
+    VBLORA = "VBLORA"
+    UNILORA = "UNILORA"
+    CPT = "CPT"
+    MISS = "MISS"
+    RANDLORA = "RANDLORA"
+    ROAD = "ROAD"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    HIRA = "HIRA"
+    SHIRA = "SHIRA"
+    C3A = "C3A"
+    WAVEFT = "WAVEFT"
+    OSF = "OSF"
+    DELORA = "DELORA"
+    GRALORA = "GRALORA"
+    CARTRIDGE = "CARTRIDGE"
+    TINYLORA = "TINYLORA"
+    PSOFT = "PSOFT"
+    PEANUT = "PEANUT"
+    SHADOW = "SHADOW"
+    SUPERTUNING = "SUPERTUNING"
+    DEFT = "DEFT"
+
+
+#: The methods peftkit implements (the other :class:`PeftType` members are names only).
+SHIPPED_METHODS = (
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "P_TUNING",
+    "LORA",
+    "ADALORA",
+    "IA3",
+    "LOHA",
+    "LOKR",
+    "OFT",
+    "BOFT",
+    "VERA",
+)
 
 
 class PeftConfig(BaseModel):
-    """Fields every adapter config has (PEFT's ``PeftConfig``)."""
+    """Fields every adapter config has (PEFT's ``PeftConfig``).
+
+    PEFT's configs are dataclasses and user code treats them so (``dataclasses.replace(config, r=16)``,
+    ``dataclasses.fields``, ``dataclasses.asdict``). Each subclass therefore also carries the stdlib
+    dataclass field table, built from its pydantic fields (see ``__pydantic_init_subclass__``), so those
+    functions work while every construction still goes through pydantic validation.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
 
@@ -70,16 +140,39 @@ class PeftConfig(BaseModel):
     #: peftkit-only fields; written to ``adapter_config.json`` only when set (PEFT warns on unknown keys).
     extension_fields: ClassVar[frozenset[str]] = frozenset()
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.__dataclass_fields__ = _dataclass_fields(cls)  # type: ignore[misc]
+        cls.__dataclass_params__ = dataclasses._DataclassParams(  # type: ignore[attr-defined,misc]
+            init=True, repr=True, eq=True, order=False, unsafe_hash=False, frozen=False
+        )
+
     @field_validator("task_type", mode="before")
     @classmethod
     def _check_task_type(cls, value: Any) -> Any:
-        if value is None or str(getattr(value, "value", value)) == TaskType.CAUSAL_LM.value:
+        value = getattr(value, "value", value)
+        if value is None or value == TaskType.CAUSAL_LM.value:
             return value
-        raise ValueError(f"task_type={value!r} is not supported; peftkit adapts causal LMs: use 'CAUSAL_LM'")
+        from peftkit.methods.soft_prompt import PromptLearningConfig
+
+        if value in TaskType.__members__ and issubclass(cls, PromptLearningConfig):
+            raise ValueError(
+                f"task_type={value!r} is not supported for soft prompts: peftkit's soft prompts adapt causal LMs "
+                "(use 'CAUSAL_LM'); weight adapters (LoRA, IA3, ...) serve every task type"
+            )
+        if value in TaskType.__members__:
+            return value
+        raise ValueError(f"task_type={value!r} is not a task type; allowed: {list(TaskType.__members__)} or None")
 
     @property
     def is_prompt_learning(self) -> bool:
         """True for soft-prompt methods (prompt tuning, prefix tuning, p-tuning)."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        """True for adaption prompt (not shipped by peftkit: always False)."""
         return False
 
     # ------------------------------------------------------------------ serialisation
@@ -92,8 +185,12 @@ class PeftConfig(BaseModel):
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write ``adapter_config.json`` into ``save_directory`` and return its path."""
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
+        """Write ``adapter_config.json`` into ``save_directory`` and return its path.
+
+        ``kwargs``: PEFT accepts hub options here; peftkit writes locally and refuses any it is given.
+        """
+        _refuse_hub_options("save_pretrained", kwargs)
         path = Path(save_directory) / CONFIG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json_string())
@@ -135,17 +232,58 @@ class PeftConfig(BaseModel):
         return target(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> Self:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """Build the config class that ``kwargs["peft_type"]`` names (PEFT's ``from_peft_type``)."""
+        return cls.from_dict(kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> Self:
-        """Read ``adapter_config.json`` from an adapter folder (optionally a named subfolder)."""
+    def from_json_file(cls, path_json_file: str | Path, **kwargs: Any) -> Self:
+        _refuse_hub_options("from_json_file", kwargs)
+        return cls.from_dict(json.loads(Path(path_json_file).read_text()))
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **kwargs: Any
+    ) -> Self:
+        """Read ``adapter_config.json`` from an adapter folder (optionally a named subfolder).
+
+        peftkit reads local folders only (no Hub download): a hub option in ``kwargs`` is refused.
+        """
+        _refuse_hub_options("from_pretrained", kwargs)
+        directory = pretrained_model_name_or_path
         folder = Path(directory) / subfolder if subfolder else Path(directory)
         path = folder / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
         return cls.from_json_file(path)
+
+
+def _dataclass_fields(cls: type[PeftConfig]) -> dict[str, dataclasses.Field]:
+    """The stdlib dataclass field table of a pydantic config class (name, type, default)."""
+    table: dict[str, dataclasses.Field] = {}
+    for name, info in cls.model_fields.items():
+        if info.default_factory is not None:
+            field = dataclasses.field(default_factory=info.default_factory)  # type: ignore[arg-type]
+        elif info.is_required():
+            field = dataclasses.field()
+        else:
+            field = dataclasses.field(default=info.default)
+        field.name = name
+        field.type = info.annotation
+        field._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
+        table[name] = field
+    return table
+
+
+def _refuse_hub_options(where: str, kwargs: dict[str, Any]) -> None:
+    if kwargs:
+        raise TypeError(
+            f"{where}() got options {sorted(kwargs)}: peftkit reads and writes local folders only "
+            "(no Hugging Face Hub download or upload)"
+        )
+
+
+PeftConfig.__dataclass_fields__ = _dataclass_fields(PeftConfig)  # type: ignore[misc]
 
 
 def coerce_upper(value: Any) -> Any:

@@ -40,6 +40,13 @@ def config_class_for(peft_type: str) -> type[PeftConfig]:
     _ensure_builtin_methods()
     key = str(getattr(peft_type, "value", peft_type)).upper()
     if key not in _CONFIGS:
+        from peftkit.config import PeftType
+
+        if key in PeftType.__members__:
+            raise NotImplementedError(
+                f"peft_type {key!r} is a PEFT method that peftkit does not implement; "
+                f"peftkit ships: {', '.join(sorted(_CONFIGS))}"
+            )
         raise ValueError(f"unknown peft_type {peft_type!r}; known methods: {', '.join(sorted(_CONFIGS))}")
     return _CONFIGS[key]
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from peftkit.config import CONFIG_NAME, WEIGHTS_NAME
+from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig
 from peftkit.io import atomic_save_safetensors
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def save_adapters(model: PeftModel, save_directory: str | Path, names: Sequence[
         folder.mkdir(parents=True, exist_ok=True)
         config = model.peft_config[name].model_copy(update={"inference_mode": True})
         if config.base_model_name_or_path is None:
-            base_name = getattr(model.base_model.config, "name_or_path", None) or None
+            base_name = getattr(getattr(model.get_base_model(), "config", None), "name_or_path", None) or None
             config = config.model_copy(update={"base_model_name_or_path": base_name})
         atomic_save_safetensors(model.adapters[name].adapter_state_dict(), folder / WEIGHTS_NAME)
         config.save_pretrained(folder)
@@ -54,3 +55,119 @@ def load_adapter_weights(adapter: Adapter, folder: str | Path, *, trainable: boo
         adapter.unfreeze()
     else:
         adapter.freeze()
+
+
+class PeftFiles:
+    """``save_pretrained`` / ``from_pretrained`` / ``load_adapter``: a mixin of :class:`~peftkit.PeftModel`."""
+
+    adapters: dict[str, Adapter]
+    peft_config: dict[str, PeftConfig]
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as PEFT does: ``default`` at the top, others in a subfolder, plus ``README.md``.
+
+        ``save_embedding_layers`` is accepted for PEFT compatibility (targeted embedding layers' weights
+        are written as the adapter defines them); ``path_initial_model_for_weight_conversion`` (PiSSA /
+        OLoRA conversion) and hub options in ``kwargs`` are refused.
+        """
+        if path_initial_model_for_weight_conversion is not None or kwargs:
+            raise NotImplementedError(
+                "path_initial_model_for_weight_conversion and hub options are not supported by save_pretrained"
+            )
+        if not safe_serialization:
+            raise ValueError(
+                "peftkit writes safetensors only: safe_serialization=False would write a pickle, which can run "
+                "arbitrary code when loaded"
+            )
+        if not is_main_process:
+            return
+        names = list(selected_adapters) if selected_adapters is not None else list(self.adapters)
+        self._check_names(names)
+        save_adapters(self, save_directory, names)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str | Path) -> None:
+        """Write or update ``output_dir/README.md`` with PEFT's model-card metadata (see ``model_card.py``)."""
+        from peftkit.models.model_card import write_model_card
+
+        write_model_card(self, output_dir)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        subfolder: str | None = None,
+        **context: Any,
+    ) -> PeftModel:
+        """Load an adapter folder written by peftkit or PEFT onto ``model``.
+
+        As in PEFT, called on ``PeftModel`` it returns the task class the config's ``task_type`` names
+        (``PeftModelForSequenceClassification``, ...), and a ``config`` given is the object kept in
+        ``peft_config`` (its ``inference_mode`` set from ``is_trainable``).
+
+        Args:
+            is_trainable: keep the adapter trainable (to resume training); otherwise it is frozen.
+        """
+        if ephemeral_gpu_offload or key_mapping:
+            raise NotImplementedError("ephemeral_gpu_offload and key_mapping are not supported by peftkit")
+        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+        config = config if config is not None else PeftConfig.from_pretrained(folder)
+        if config.inference_mode != (not is_trainable):
+            config.inference_mode = not is_trainable
+        from peftkit.models.peft_model import PeftModel
+
+        if cls is PeftModel:
+            from peftkit.models.task_models import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+            cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type), PeftModel)
+        peft_model = cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, initialize=False, **context)
+        peft_model._load_weights(adapter_name, folder, is_trainable)
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **context: Any,
+    ) -> Adapter:
+        """Load another adapter folder onto this model under ``adapter_name`` (not activated).
+
+        Unlike PEFT (which returns the load result), this returns the adapter object.
+        """
+        if torch_device is not None or ephemeral_gpu_offload or key_mapping:
+            raise NotImplementedError("torch_device, ephemeral_gpu_offload, key_mapping: not supported by peftkit")
+        config = PeftConfig.from_pretrained(model_id)
+        if config.inference_mode != (not is_trainable):
+            config.inference_mode = not is_trainable
+        adapter = self.add_adapter(
+            adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, initialize=False, **context
+        )
+        self._load_weights(adapter_name, Path(model_id), is_trainable)
+        return adapter
+
+    def _load_weights(self, adapter_name: str, folder: Path, trainable: bool) -> None:
+        device = next(iter(self.get_base_model().parameters())).device
+        load_adapter_weights(self.adapters[adapter_name], folder, trainable=trainable, device=device)

@@ -32,6 +32,7 @@ def run_base_model(
     return_logits: bool | Literal["labelled"] = True,
     logits_to_keep: int = 0,
     cache: Any = None,
+    position_ids: Tensor | None = None,
     **kwargs: Any,
 ) -> CausalLMOutputWithPast:
     """Run ``base_model`` on a prepared batch.
@@ -40,6 +41,9 @@ def run_base_model(
     cross-entropy as ``loss``; ``False`` returns the loss only (only labelled positions were
     projected); ``"labelled"`` returns the ``(T, V)`` logits of the ``T`` labelled targets and no
     loss: the caller (the trainer's loss) owns it.
+
+    ``position_ids`` ``(B, L)``: the user's own positions for their tokens; they are shifted past the
+    virtual tokens and key/value prefix the row attends to (see :func:`shifted_positions`).
     """
     guard: contextlib.AbstractContextManager = contextlib.nullcontext()
     if cache is None and use_cache:
@@ -58,7 +62,7 @@ def run_base_model(
         out = base_model(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.full_attention_mask(),
-            position_ids=inputs.position_ids(),
+            position_ids=inputs.position_ids() if position_ids is None else shifted_positions(inputs, position_ids),
             cache=cache,
             use_cache=use_cache,
             logits_to_keep=keep,
@@ -81,6 +85,22 @@ def run_base_model(
         hidden_states=hidden_states,
         attentions=out.attentions,
     )
+
+
+def shifted_positions(inputs: ModelInputs, user_position_ids: Tensor) -> Tensor:
+    """``(B, S)`` positions with the user's ``(B, L)`` ``position_ids`` placed after the virtual slots.
+
+    Each row's virtual tokens and key/value prefix keep their positions (``0 .. V-1`` for the ``V``
+    slots it attends to), and user token ``i`` gets ``user_position_ids[:, i] + V``: PEFT's rule for
+    prefix tuning (positions offset by ``num_virtual_tokens``), applied to every soft prompt. With the
+    default positions (``arange``) this is exactly what is computed without ``position_ids``.
+    """
+    positions = inputs.position_ids()
+    user_mask = inputs.attention_mask.gather(1, inputs.user_positions)  # (B, L)
+    first_real = inputs.user_positions.gather(1, user_mask.argmax(1, keepdim=True))  # (B, 1)
+    virtual = positions.gather(1, first_real)  # attended virtual slots before the user's first token
+    shifted = user_position_ids.to(positions.device, positions.dtype) + virtual
+    return positions.scatter(1, inputs.user_positions, shifted)
 
 
 def is_checkpointing(model: nn.Module) -> bool:

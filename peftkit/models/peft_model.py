@@ -16,47 +16,82 @@ in the shift (so a prompt can be trained to predict the first user token), as in
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftkit.config import PeftConfig
+from peftkit.errors import NoMatchingPeftModuleError
 from peftkit.experts.bank import expert_row
 from peftkit.experts.routes import ExpertRoutes, expert_routes
 from peftkit.methods.base import Adapter, Mergeable, ModelInputs
 from peftkit.methods.registry import adapter_class_for
 from peftkit.methods.soft_prompt import pack_virtual_slots
-from peftkit.models.files import load_adapter_weights, save_adapters
+from peftkit.models.files import PeftFiles
 from peftkit.models.forward import is_checkpointing, run_base_model, user_logits
+from peftkit.models.inspection import PeftInspection
 from peftkit.models.merging import merge_adapters, unmerge_adapters
 from peftkit.models.routing import Routing
+from peftkit.models.tasks import is_causal_lm, keep_given_config, prepare_task_config
+from peftkit.models.tuner_model import PEFT_TYPE_TO_TUNER_MAPPING, AdapterHost, TunerModel
 
 __all__ = ["BASE_ADAPTER_NAME", "PeftModel", "get_peft_model", "is_checkpointing", "user_logits"]
+
+NO_LOW_CPU_MEM = "low_cpu_mem_usage=True is not supported: adapters are created on the model's device"
 
 BASE_ADAPTER_NAME = "__base__"
 """Name that routes a row of a mixed batch to the bare base model (as in PEFT)."""
 
 
-class PeftModel(nn.Module):
-    """A base causal LM with one or more adapters (drop-in for ``peft.PeftModel``).
+class PeftModel(PeftFiles, PeftInspection, nn.Module):
+    """A base model with one or more adapters (drop-in for ``peft.PeftModel``).
+
+    Soft prompts need a causal LM; weight adapters work on any ``nn.Module`` (a transformers model
+    of any task, or a plain MLP), where ``forward`` is the model's own forward with the adapters
+    inside its layers.
+
+    As in PEFT, ``base_model`` is a tuner layer whose ``.model`` is the user's model when the first
+    adapter is a weight adapter (:class:`~peftkit.models.tuner_model.TunerModel`), and the user's model
+    itself when it is a soft prompt; :meth:`get_base_model` always returns the user's model.
 
     Args:
-        model: a Hugging Face causal LM; its parameters are frozen.
+        model: the model to adapt; its parameters are frozen.
         peft_config: the first adapter's config; ``None`` wraps the base model with no adapter yet
             (it then computes exactly what the base model computes, e.g. to evaluate it alone).
         adapter_name: the first adapter's name.
+        autocast_adapter_dtype: accepted for PEFT compatibility (adapters of fp16/bf16 layers are
+            always kept in fp32, PEFT's default).
+        low_cpu_mem_usage: accepted for PEFT compatibility; only ``False`` is supported.
         **context: passed to the method's ``create`` (e.g. ``tokenizer=`` for text init).
     """
 
+    #: Module names a task's head goes by; a weight adapter saves them whole (PEFT's task classes).
+    default_modules_to_save: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
-        self, model: nn.Module, peft_config: PeftConfig | None, adapter_name: str = "default", **context: Any
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig | None,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **context: Any,
     ) -> None:
         super().__init__()
-        self.base_model = model
+        if low_cpu_mem_usage:
+            raise NotImplementedError(NO_LOW_CPU_MEM)
+        if isinstance(model, TunerModel):  # built by a tuner class (LoraModel(model, config)): it is ours
+            object.__setattr__(model, "_peft_model", self)
+            self.base_model = model
+        elif peft_config is not None and peft_config.is_prompt_learning:
+            self.base_model = model
+        else:
+            tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_config.peft_type, TunerModel) if peft_config else TunerModel
+            self.base_model = tuner(model, peft_model=self)
         self.prompt_encoder = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self.adapters: dict[str, Adapter] = {}
@@ -102,26 +137,61 @@ class PeftModel(nn.Module):
         return self.peft_config[self.active_adapter]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The user's model (with the adapters inside its layers)."""
+        base = self.base_model
+        return base.model if isinstance(base, TunerModel) else base
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **context: Any) -> Adapter:
-        """Create and attach a new adapter (not activated: see :meth:`set_adapter`)."""
+    @property
+    def is_causal_lm(self) -> bool:
+        """Whether ``forward`` takes the causal-LM path (soft prompts, aligned logits, label loss).
+
+        True for a generating decoder-only model (a transformers ``...ForCausalLM``) with task type
+        ``CAUSAL_LM`` or ``None``; any other model runs its own forward with the adapters inside.
+        """
+        return is_causal_lm(self.get_base_model())
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **context: Any,
+    ) -> Adapter:
+        """Create and attach a new adapter (not activated: see :meth:`set_adapter`).
+
+        ``peft_model.peft_config[adapter_name]`` is the config object given (as in PEFT), updated in
+        place with the values resolved from the model (e.g. default ``target_modules``).
+        """
+        if low_cpu_mem_usage:
+            raise NotImplementedError(NO_LOW_CPU_MEM)
         if not adapter_name or not adapter_name.replace("-", "_").isidentifier():
             raise ValueError(f"adapter name {adapter_name!r} must be a non-empty identifier (letters, digits, _ -)")
         if adapter_name == BASE_ADAPTER_NAME:
             raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for rows that use no adapter")
         if adapter_name in self.adapters:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
-        adapter = adapter_class_for(peft_config).create(self.base_model, peft_config, adapter_name, **context)
-        adapter.attach(self, adapter_name)
+        model = self.get_base_model()
+        task_config = prepare_task_config(self, model, peft_config)
+        try:
+            adapter = adapter_class_for(peft_config).create(model, task_config, adapter_name, **context)
+        except ValueError as error:
+            if "matches no module" in str(error):  # PEFT's error class for this case (still a ValueError)
+                raise NoMatchingPeftModuleError(str(error)) from error
+            raise
+        adapter.attach(AdapterHost(self), adapter_name)
         self.adapters[adapter_name] = adapter
-        self.peft_config[adapter_name] = adapter.config
+        keep_given_config(peft_config, adapter.config)
+        adapter.config = peft_config
+        self.peft_config[adapter_name] = peft_config
         if adapter.config.inference_mode:
             adapter.freeze()
         return adapter
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several at once (e.g. a soft prompt on top of a LoRA).
+
+        ``inference_mode=True`` also freezes the activated adapters (as in PEFT).
 
         Activation does not change which adapters train (unlike PEFT, which freezes inactive ones):
         an adapter is trainable unless it was loaded with ``is_trainable=False`` / ``inference_mode``
@@ -130,16 +200,33 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_names(names)
         self.active_adapters = names
+        if inference_mode:
+            for name in names:
+                self.adapters[name].freeze()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter completely (a merged one is unmerged first, so the base weights come back)."""
+        """Remove an adapter completely (a merged one is unmerged first, so the base weights come back).
+
+        If it was the only active adapter, another one becomes active, as in PEFT: the first remaining
+        one by name for weight adapters, by creation order for soft prompts (with a warning).
+        """
         self._check_names([adapter_name])
         adapter = self.adapters[adapter_name]
         if isinstance(adapter, Mergeable) and adapter.merged:
             adapter.unmerge()
-        self.adapters.pop(adapter_name).detach(self, adapter_name)
+        was_prompt = self.peft_config[adapter_name].is_prompt_learning
+        self.adapters.pop(adapter_name).detach(AdapterHost(self), adapter_name)
         del self.peft_config[adapter_name]
+        was_active = adapter_name in self.active_adapters
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        if was_active and not self.active_adapters and self.adapters:
+            remaining = list(self.adapters) if was_prompt else sorted(self.adapters)
+            warnings.warn(
+                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.active_adapters = [remaining[0]]
 
     @contextlib.contextmanager
     def use_experts(self, experts: dict[str, str | int]) -> Iterator[None]:
@@ -203,10 +290,10 @@ class PeftModel(nn.Module):
     def _unload(self) -> nn.Module:
         for name in list(self.adapters):
             adapter = self.adapters.pop(name)
-            adapter.detach(self, name)
+            adapter.detach(AdapterHost(self), name)
             del self.peft_config[name]
         self.active_adapters = []
-        return self.base_model
+        return self.get_base_model()
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -238,10 +325,11 @@ class PeftModel(nn.Module):
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         if not kwargs["use_reentrant"]:  # recompute wrapped layers under the routing of their forward pass
             kwargs.setdefault("context_fn", self.routing.checkpoint_contexts)
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model = self.get_base_model()
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ forward
     def routes(
@@ -288,13 +376,37 @@ class PeftModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+            inputs_embeds = self.get_base_model().get_input_embeddings()(input_ids)
         inputs = ModelInputs.from_user(inputs_embeds, attention_mask, labels)
         for name, rows in (routes or {}).items():
             inputs = self.adapters[name].prepare_inputs(inputs, rows)
         return pack_virtual_slots(inputs)
 
-    def forward(
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the adapted model: :meth:`lm_forward` for a causal LM, otherwise the model's own forward.
+
+        On a model that is not a causal LM (a classifier, an encoder, a plain ``nn.Module``) the
+        arguments go to the model unchanged, with the weight adapters acting inside its layers;
+        ``adapter_names=[...]`` (one per row of the first tensor argument) still mixes adapters per row.
+        """
+        if self.is_causal_lm:
+            return self.lm_forward(*args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self._routed(adapter_names, args, kwargs):
+            return self.get_base_model()(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _routed(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        """Publish per-row routing for a call that passes ``adapter_names`` (else: the active adapters)."""
+        if adapter_names is None:
+            yield
+            return
+        first = next(v for v in [*args, *kwargs.values()] if isinstance(v, Tensor))
+        routes = self.routes(first.shape[0], adapter_names, first.device)
+        with self.routing.scope(routes):
+            yield
+
+    def lm_forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
@@ -344,7 +456,7 @@ class PeftModel(nn.Module):
         with self.routing.scope(routes):
             inputs = self.prepare_inputs(input_ids, attention_mask, inputs_embeds, labels, routes)
             out = run_base_model(
-                self.base_model,
+                self.get_base_model(),
                 inputs,
                 use_cache=use_cache,
                 return_logits=return_logits,
@@ -373,71 +485,35 @@ class PeftModel(nn.Module):
         return total
 
     @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Decode with the KV cache; see :func:`peftkit.models.generation.generate`."""
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Decode with the KV cache; see :func:`peftkit.models.generation.generate`.
+
+        ``return_dict_in_generate=True`` returns a transformers ``GenerateDecoderOnlyOutput`` (with
+        ``scores`` when ``output_scores=True``: the processed next-token scores of each step, as in
+        transformers). A model that is not a causal LM (e.g. an encoder-decoder) uses its own
+        ``generate`` with the adapters inside its layers.
+        """
+        if not self.is_causal_lm:
+            adapter_names = kwargs.pop("adapter_names", None)
+            with self._routed(adapter_names, args, kwargs):
+                return self.get_base_model().generate(*args, **kwargs)
+        from peftkit.models.generate_output import generate_with_output
         from peftkit.models.generation import generate
 
+        if kwargs.get("return_dict_in_generate") or kwargs.get("output_scores"):
+            return generate_with_output(self, generate, *args, **kwargs)
         return generate(self, *args, **kwargs)
-
-    # ------------------------------------------------------------------ files
-    def save_pretrained(
-        self,
-        save_directory: str | Path,
-        selected_adapters: Sequence[str] | None = None,
-        safe_serialization: bool = True,
-        is_main_process: bool = True,
-    ) -> None:
-        """Write each adapter as PEFT does: ``default`` at the top, others in a subfolder."""
-        if not safe_serialization:
-            raise ValueError(
-                "peftkit writes safetensors only: safe_serialization=False would write a pickle, which can run "
-                "arbitrary code when loaded"
-            )
-        if not is_main_process:
-            return
-        names = list(selected_adapters) if selected_adapters is not None else list(self.adapters)
-        self._check_names(names)
-        save_adapters(self, save_directory, names)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | Path,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: PeftConfig | None = None,
-        subfolder: str | None = None,
-        **context: Any,
-    ) -> PeftModel:
-        """Load an adapter folder written by peftkit or PEFT onto ``model``.
-
-        Args:
-            is_trainable: keep the adapter trainable (to resume training); otherwise it is frozen.
-        """
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        config = config or PeftConfig.from_pretrained(folder)
-        config = config.model_copy(update={"inference_mode": not is_trainable})
-        peft_model = cls(model, config, adapter_name, initialize=False, **context)
-        peft_model._load_weights(adapter_name, folder, is_trainable)
-        return peft_model
-
-    def load_adapter(
-        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False, **context: Any
-    ) -> Adapter:
-        """Load another adapter folder onto this model under ``adapter_name`` (not activated)."""
-        config = PeftConfig.from_pretrained(model_id).model_copy(update={"inference_mode": not is_trainable})
-        adapter = self.add_adapter(adapter_name, config, initialize=False, **context)
-        self._load_weights(adapter_name, Path(model_id), is_trainable)
-        return adapter
-
-    def _load_weights(self, adapter_name: str, folder: Path, trainable: bool) -> None:
-        device = next(iter(self.base_model.parameters())).device
-        load_adapter_weights(self.adapters[adapter_name], folder, trainable=trainable, device=device)
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **context: Any
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+    **context: Any,
 ) -> PeftModel:
     """Wrap ``model`` with a new adapter (drop-in for ``peft.get_peft_model``).
 
@@ -446,4 +522,23 @@ def get_peft_model(
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config)")
-    return PeftModel(model, peft_config, adapter_name, **context)
+    if mixed:
+        raise NotImplementedError(
+            "mixed=True (PeftMixedModel) is not needed in peftkit: a PeftModel holds adapters of different "
+            "methods at once; call get_peft_model(model, config) and add_adapter(name, other_config)"
+        )
+    if low_cpu_mem_usage:
+        raise NotImplementedError(NO_LOW_CPU_MEM)
+    # PEFT's rule: the model's own name (a model built from a config has none)
+    name = getattr(model, "__dict__", {}).get("name_or_path", None) or None
+    if peft_config.base_model_name_or_path != name:
+        peft_config.base_model_name_or_path = name
+    if revision is not None:
+        peft_config.revision = revision
+    from peftkit.models.task_models import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    task_type = peft_config.task_type
+    if "task_type" not in peft_config.model_fields_set and not is_causal_lm(model):
+        task_type = None  # PEFT's default for a model that is not a causal LM (see prepare_task_config)
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(task_type), PeftModel)
+    return cls(model, peft_config, adapter_name, **context)

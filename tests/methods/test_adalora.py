@@ -185,7 +185,7 @@ def test_update_is_the_svd_form(llama):
     """Independent computation: ΔW = lora_alpha / init_r · P (Λ ⊙ Q)."""
     torch.manual_seed(0)
     model = get_peft_model(llama, config(init_lora_weights=False, lora_alpha=3))
-    layer = model.base_model.model.layers[0].self_attn.v_proj
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
     x = torch.randn(2, 4, 32)
     a, e, b = layer.lora_A["default"], layer.lora_E["default"], layer.lora_B["default"]
     expected = layer.base_layer(x) + x @ (b @ (a * e)).T * 3 / (6 + 1e-5)

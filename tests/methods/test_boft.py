@@ -25,7 +25,7 @@ def test_butterfly_permutation_matches_peft(n, blocks, half, factors):
 def test_forward_is_scaled_rotated_weight(llama):
     torch.manual_seed(0)
     model = get_peft_model(llama, BOFTConfig(boft_block_size=8, target_modules=["down_proj"], init_weights=False))
-    layer = model.base_model.model.layers[0].mlp.down_proj
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
     adapter = model.adapters["default"]
     rotation = adapter.rotation(layer)
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(64), atol=1e-5, rtol=0)
@@ -40,7 +40,7 @@ def test_butterfly_factors_build_an_orthogonal_product(llama):
     torch.manual_seed(0)
     config = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["down_proj"], init_weights=False)
     model = get_peft_model(llama, config)
-    layer = model.base_model.model.layers[0].mlp.down_proj
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
     assert layer.boft_R["default"].shape == (2, 16, 4, 4)
     rotation = model.adapters["default"].rotation(layer)
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(64), atol=1e-5, rtol=0)
@@ -71,5 +71,5 @@ def test_geometry_errors_name_the_layer(llama):
 
 def test_block_num_gives_the_block_size(llama):
     model = get_peft_model(llama, BOFTConfig(boft_block_size=0, boft_block_num=4, target_modules=["q_proj"]))
-    assert model.base_model.model.layers[0].self_attn.q_proj.boft_R["default"].shape == (1, 4, 8, 8)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.boft_R["default"].shape == (1, 4, 8, 8)
     assert model.adapters["default"].num_parameters() == 2 * (4 * 8 * 8 + 32)

@@ -13,7 +13,7 @@ X = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0))
 
 
 def layers(model):
-    block = model.base_model.model.layers[0]
+    block = model.base_model.model.model.layers[0]
     return block.self_attn.k_proj, block.mlp.down_proj
 
 

@@ -28,7 +28,7 @@ def test_hand_checked_factorizations():
 
 def test_update_is_a_kronecker_product(llama):
     model = get_peft_model(llama, LoKrConfig(r=4, alpha=2, target_modules=["v_proj"], init_weights=False))
-    layer = model.base_model.model.layers[0].self_attn.v_proj
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
     w1, w2 = layer.lokr_w1["default"], layer.lokr_w2["default"]
     assert w1.shape == (4, 4) and w2.shape == (4, 8)  # out 16 = 4·4, in 32 = 4·8
     delta = torch.kron(w1, w2) * (2 / 4)
@@ -38,7 +38,7 @@ def test_update_is_a_kronecker_product(llama):
 
 def test_small_rank_decomposes_w2_and_decompose_both_w1(llama):
     model = get_peft_model(llama, LoKrConfig(r=1, target_modules=["q_proj"], decompose_both=True))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     slots = {n for n, _ in layer.named_parameters() if n.startswith("lokr_")}
     assert slots == {"lokr_w1_a.default", "lokr_w1_b.default", "lokr_w2_a.default", "lokr_w2_b.default"}
     # per layer (r = 1): W1a 4×1 + W1b 1×4 + W2a 8×1 + W2b 1×8 = 24
@@ -47,10 +47,10 @@ def test_small_rank_decomposes_w2_and_decompose_both_w1(llama):
 
 def test_init_modes(llama):
     model = get_peft_model(llama, LoKrConfig(r=4, target_modules=["q_proj"]))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert torch.count_nonzero(layer.lokr_w1["default"]) == 0 and torch.count_nonzero(layer.lokr_w2["default"]) > 0
     lycoris = get_peft_model(model.unload(), LoKrConfig(r=4, target_modules=["q_proj"], init_weights="lycoris"))
-    layer = lycoris.base_model.model.layers[0].self_attn.q_proj
+    layer = lycoris.base_model.model.model.layers[0].self_attn.q_proj
     assert torch.count_nonzero(layer.lokr_w2["default"]) == 0 and torch.count_nonzero(layer.lokr_w1["default"]) > 0
     with pytest.raises(ValueError, match="init_weights='pissa' is not supported"):
         LoKrConfig(init_weights="pissa")

@@ -19,7 +19,7 @@ IDS = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
 
 
 def q_proj(model):
-    return model.base_model.model.layers[0].self_attn.q_proj
+    return model.base_model.model.model.layers[0].self_attn.q_proj
 
 
 def test_forward_is_w_x_plus_scaled_b_a_x(llama):
@@ -121,7 +121,7 @@ def test_rank_and_alpha_patterns_match_peft(tmp_path, llama):
         theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(init_lora_weights=False, **config))
         theirs.save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(llama, tmp_path)
-    assert ours.base_model.model.layers[1].self_attn.v_proj.lora_A["default"].weight.shape == (2, 32)
+    assert ours.base_model.model.model.layers[1].self_attn.v_proj.lora_A["default"].weight.shape == (2, 32)
     assert ours.adapters["default"].scaling["model.layers.1.self_attn.q_proj"] == 3 / 4
     torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
 

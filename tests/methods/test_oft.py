@@ -13,7 +13,7 @@ X = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
 
 
 def q_proj(model):
-    return model.base_model.model.layers[0].self_attn.q_proj
+    return model.base_model.model.model.layers[0].self_attn.q_proj
 
 
 def skew(b: int, seed: int = 0) -> torch.Tensor:

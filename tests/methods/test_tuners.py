@@ -18,7 +18,7 @@ IDS = torch.tensor([[5, 6, 7, 8, 9]])
 
 
 def wrapped(model) -> list[str]:
-    return [n for n, m in model.base_model.named_modules() if isinstance(m, AdaptedLayer)]
+    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, AdaptedLayer)]
 
 
 def logits(model, ids=IDS):
@@ -158,7 +158,7 @@ def test_safe_merge_refuses_nan_and_leaves_weights_untouched(llama):
     model = get_peft_model(llama, LoraConfig(r=4, init_lora_weights=False))
     before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
     with torch.no_grad():
-        model.base_model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
+        model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf.*nothing was merged"):
         model.merge_adapter(safe_merge=True)
     assert not model.adapters["default"].merged
@@ -234,7 +234,7 @@ def test_two_adapters_on_one_layer_add_up(llama):
     model = get_peft_model(llama, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
     model.set_adapter(["default", "b"])
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 5, 32)
     expected = layer.base_layer(x)
     for name, scale in (("default", 8 / 4), ("b", 4 / 2)):

@@ -42,7 +42,7 @@ def test_forward_scales_the_shared_projections(llama):
     """y = W x + λ_b ⊙ B (λ_d ⊙ A x)."""
     torch.manual_seed(0)
     model = get_peft_model(llama, VeraConfig(r=8, target_modules=["v_proj"], init_weights=False))
-    layer = model.base_model.model.layers[0].self_attn.v_proj
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
     projection = layer.vera_projection["default"]
     a, b = projection.vera_A[:, :32], projection.vera_B[:16]
     x = torch.randn(2, 3, 32)
@@ -54,7 +54,7 @@ def test_forward_scales_the_shared_projections(llama):
 
 def test_default_init(llama):
     model = get_peft_model(llama, VeraConfig(r=8, d_initial=0.3, target_modules=["q_proj"]))
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert torch.all(layer.vera_lambda_b["default"] == 0) and torch.all(layer.vera_lambda_d["default"] == 0.3)
 
 

@@ -207,9 +207,10 @@ def test_adapter_management_errors(llama):
 def test_delete_adapter(llama):
     peft_model = get_peft_model(llama, PromptTuningConfig(num_virtual_tokens=3), adapter_name="a")
     peft_model.add_adapter("b", PromptTuningConfig(num_virtual_tokens=3))
-    peft_model.delete_adapter("a")
+    with pytest.warns(UserWarning, match="Setting active adapter to b"):
+        peft_model.delete_adapter("a")
     assert list(peft_model.adapters) == ["b"] and "a" not in peft_model.prompt_encoder
-    assert peft_model.active_adapters == []
+    assert peft_model.active_adapters == ["b"]  # as in PEFT: another adapter becomes active
 
 
 def test_named_adapters_save_in_subfolders(tmp_path, llama, batch):

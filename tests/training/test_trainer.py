@@ -170,7 +170,7 @@ def test_checkpoint_contents(tmp_path):
     folder = tmp_path / "checkpoints" / "step-000003"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter", "config.yaml", ckpt.STATE_JSON, ckpt.STATE_TENSORS]
     adapter_files = sorted(p.name for p in (folder / "adapter").iterdir())
-    assert adapter_files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert adapter_files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # PEFT's layout
     meta = json.loads((folder / ckpt.STATE_JSON).read_text())
     assert meta["trainer"]["step"] == 3 and meta["trainer"]["data_position"] == {"epoch": 0, "record": 0, "batch": 3}
     assert meta["param_names"] == ["prompt_encoder.default.embedding.weight"]
@@ -225,11 +225,14 @@ def test_adalora_resume_is_bit_identical(tmp_path, crash_at):
     from peftkit import AdaLoraConfig, get_peft_model
     from tests.conftest import tiny_model
 
-    adalora = AdaLoraConfig(init_r=4, target_r=2, total_step=10, tinit=1, tfinal=3, deltaT=1, target_modules=["q_proj"])
     config = quiet(max_steps=10, checkpoint_every=2, lr=0.01)
 
     def make(output, crash_at):
         torch.manual_seed(0)
+        # a fresh config per model: as in PEFT, the model keeps the object and AdaLoRA writes its rank_pattern
+        adalora = AdaLoraConfig(
+            init_r=4, target_r=2, total_step=10, tinit=1, tfinal=3, deltaT=1, target_modules=["q_proj"]
+        )
         model = get_peft_model(tiny_model("llama"), adalora)
         return Trainer(model, data(n=20), config, callbacks=[Crash(crash_at)], output_dir=output, progress=False)
 
