@@ -44,7 +44,7 @@ class WeightAdapter(ParameterOwner):
     #: Module types the method wraps.
     supported_types: ClassVar[tuple[type[nn.Module], ...]] = LINEAR_TYPES
     #: Which PEFT default table ``target_modules=None`` reads.
-    default_targets_table: ClassVar[str] = "attention"
+    default_targets_table: ClassVar[str] = "lora"
     #: PEFT's spelling of "train the biases of adapted layers" for the ``bias`` field (e.g. ``"lora_only"``).
     bias_only: ClassVar[str | None] = None
 
