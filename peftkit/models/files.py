@@ -33,7 +33,7 @@ def save_adapters(model: PeftModel, save_directory: str | Path, names: Sequence[
         folder.mkdir(parents=True, exist_ok=True)
         config = model.peft_config[name].model_copy(update={"inference_mode": True})
         if config.base_model_name_or_path is None:
-            base_name = getattr(model.base_model.config, "name_or_path", None) or None
+            base_name = getattr(getattr(model.base_model, "config", None), "name_or_path", None) or None
             config = config.model_copy(update={"base_model_name_or_path": base_name})
         atomic_save_safetensors(model.adapters[name].adapter_state_dict(), folder / WEIGHTS_NAME)
         config.save_pretrained(folder)

@@ -4,10 +4,12 @@ https://arxiv.org/abs/2402.09353). Field names and defaults are PEFT's ``LoraCon
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from peftkit.methods.lora.init import NEEDS_MORE
 from peftkit.methods.tuners.config import LayeredTunerConfig, check_bias, check_positive, check_probability
 
 #: PEFT ``LoraConfig`` fields peftkit does not implement, with the only value accepted in a file.
@@ -32,7 +34,7 @@ LORA_UNSUPPORTED: dict[str, Any] = {
     "ensure_weight_tying": False,
 }
 
-LORA_INITS = (True, False, "gaussian")
+LORA_INITS = (True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "orthogonal")
 
 
 class LoraConfig(LayeredTunerConfig):
@@ -61,7 +63,11 @@ class LoraConfig(LayeredTunerConfig):
     """rsLoRA: scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``."""
     init_lora_weights: bool | str = True
     """``True``: ``A`` Kaiming-uniform, ``B`` zero (starts as the base model); ``"gaussian"``: ``A`` normal
-    with std ``1/r``, ``B`` zero; ``False``: both random (for tests: the adapter changes the output)."""
+    with std ``1/r``, ``B`` zero; ``False``: both random (for tests: the adapter changes the output);
+    ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"``: the top of the base weight's spectrum moves into the adapter
+    and the base weight keeps the residual (loading such an adapter redoes this on the base model it is loaded
+    onto); ``"orthogonal"``: random orthogonal factors, even ``r`` (see :mod:`peftkit.methods.lora.init`).
+    ``"loftq"``, ``"eva"`` and ``"corda"`` need quantisation or calibration data and are refused."""
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     """Per-module rank overriding ``r``: ``{regex of the path's tail: rank}``."""
     alpha_pattern: dict[str, int | float] = Field(default_factory=dict)
@@ -89,14 +95,20 @@ class LoraConfig(LayeredTunerConfig):
     @field_validator("init_lora_weights", mode="before")
     @classmethod
     def _init(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lower() == "gaussian":
-            return "gaussian"
-        if not isinstance(value, bool):
-            raise ValueError(
-                f"init_lora_weights={value!r} is not supported by peftkit; use one of {list(LORA_INITS)} "
-                "(PiSSA, OLoRA, LoftQ, EVA, CorDA, ... are not implemented)"
-            )
-        return value
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            lowered = value.lower()
+            if lowered in ("gaussian", "olora"):  # PEFT compares these two case-insensitively
+                return lowered
+            if value in ("pissa", "orthogonal") or re.fullmatch(r"pissa_niter_\d+", value):
+                return value
+            if value in NEEDS_MORE:
+                raise ValueError(f"init_lora_weights={value!r} is not supported by peftkit: {NEEDS_MORE[value]}")
+        raise ValueError(
+            f"init_lora_weights={value!r} is not supported; use one of {list(LORA_INITS)} "
+            "(K a number of subspace iterations)"
+        )
 
     @field_validator("rank_pattern")
     @classmethod
