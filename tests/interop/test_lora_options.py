@@ -58,7 +58,7 @@ def tensors(model, kind: str) -> dict[str, torch.Tensor]:
     found = {}
     for name, param in model.named_parameters():
         prefix = "base_model." if isinstance(model, peftkit.PeftModel) else "base_model.model."
-        name = name.removeprefix(prefix).replace(".default", "")
+        name = name.removeprefix(prefix).replace(".default", "").replace("_vector.weight", "_vector")
         if (kind == "lora") == ("lora_" in name) and (kind == "lora" or ".base_layer." in name):
             found[name] = param.detach()
     return found
@@ -144,3 +144,15 @@ def test_orthogonal_needs_an_even_rank():
 def test_options_needing_quantisation_or_data_are_refused_with_the_reason(init, reason):
     with pytest.raises(ValueError, match=f"init_lora_weights='{init}' is not supported by peftkit: .*{reason}"):
         peftkit.LoraConfig(init_lora_weights=init)
+
+
+@pytest.mark.parametrize("options", [{"use_dora": True}, {"use_rslora": True}, {"rank_pattern": {"v_proj": 2}}])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_inits_combine_with_other_options_as_in_peft(init, options):
+    ours = build(peftkit, "llama", init_lora_weights=init, **options)
+    theirs = build(peft, "llama", init_lora_weights=init, **options)
+    assert_same(tensors(ours, "lora"), tensors(theirs, "lora"), 1e-5)
+    assert_same(tensors(ours, "base"), tensors(theirs, "base"), 1e-6)
+    perturb(ours, 1)
+    perturb(theirs, 1)
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-5)

@@ -89,6 +89,7 @@ class Lora(WeightAdapter):
         if config.use_dora:
             with torch.no_grad():
                 update = (up.weight @ down.weight) * self.scaling[path]
+                weight = dense_weight(module)  # after a residual init: the residual
                 magnitude = torch.linalg.norm(weight.float() + update.to(weight.device), dim=1)
             parts["lora_magnitude_vector"] = nn.Parameter(magnitude)
         return parts
