@@ -398,6 +398,16 @@ class PeftModel(nn.Module):
         device = next(iter(self.base_model.parameters())).device
         load_adapter_weights(self.adapters[adapter_name], folder, trainable=trainable, device=device)
 
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, **options: Any
+    ) -> None:
+        """A new LoRA adapter combined from ``adapters`` (``combination_type="svd"``, ``"cat"``, ``"linear"``,
+        ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` and the ``_svd`` variants, as PEFT);
+        see :func:`peftkit.models.weighted.add_weighted_adapter`."""
+        from peftkit.models.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **options)
+
 
 def get_peft_model(
     model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **context: Any
