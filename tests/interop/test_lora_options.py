@@ -156,3 +156,51 @@ def test_residual_inits_combine_with_other_options_as_in_peft(init, options):
     perturb(ours, 1)
     perturb(theirs, 1)
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- layer_replication
+def test_layer_replication_equals_peft(tmp_path):
+    """[[0, 2], [1, 2]] on 2 layers gives 0 1 1: three decoder layers, the last two sharing layer 1's weights."""
+    options = {"layer_replication": [[0, 2], [1, 2]], "init_lora_weights": False}
+    ours, theirs = build(peftkit, "llama", **options), build(peft, "llama", **options)
+    layers = ours.base_model.model.layers
+    assert len(layers) == 3 and ours.base_model.config.num_hidden_layers == 3
+    assert layers[2].mlp.up_proj.weight is layers[1].mlp.up_proj.weight  # shared, not copied
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+    assert_same(tensors(ours, "lora"), tensors(theirs, "lora"))
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(ours), tiny_model("llama")(input_ids=IDS).logits, atol=1e-3)
+    perturb(ours, 1)
+    perturb(theirs, 2)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "ours/adapter_config.json").read_text())["layer_replication"] == [[0, 2], [1, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")
+    ours_loaded = peftkit.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "theirs")
+    torch.testing.assert_close(logits(peft_loaded), logits(ours), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(ours_loaded), logits(theirs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot merge a LoRA adapter with layer_replication"):
+        ours.merge_adapter()
+    # A second adapter with the same map does not grow the model again; another map is refused.
+    ours.add_adapter("again", peftkit.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]))
+    assert len(ours.base_model.model.layers) == 3
+    with pytest.raises(ValueError, match="already replicated"):
+        ours.add_adapter("other", peftkit.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 2]]))
+
+
+def test_layer_replication_generates_like_a_full_forward():
+    model = build(peftkit, "llama", layer_replication=[[0, 2], [1, 2]], init_lora_weights=False)
+    out = model.generate(input_ids=IDS[:1], max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        for step in range(4):
+            prefix = out[:, : IDS.shape[1] + step]
+            assert model(input_ids=prefix).logits[0, -1].argmax() == out[0, IDS.shape[1] + step]
+
+
+def test_layer_replication_needs_a_known_layer_list():
+    with pytest.raises(ValueError, match="layer_replication needs a decoder-layer list"):
+        peftkit.get_peft_model(tiny_model("gpt2"), peftkit.LoraConfig(layer_replication=[[0, 1]]))
+    with pytest.raises(ValueError, match="start < end"):
+        peftkit.LoraConfig(layer_replication=[[2, 1]])

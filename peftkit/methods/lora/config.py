@@ -26,7 +26,6 @@ LORA_UNSUPPORTED: dict[str, Any] = {
     "use_qalora": False,
     "qalora_group_size": 16,
     "monteclora_config": None,
-    "layer_replication": None,
     "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
@@ -76,6 +75,10 @@ class LoraConfig(LayeredTunerConfig):
     """DoRA: split the adapted weight into a trained per-output magnitude and a LoRA-updated direction."""
     lora_bias: bool = False
     """Give ``B`` a trained bias (merging then needs the base layer to have a bias)."""
+    layer_replication: list[list[int]] | None = None
+    """Grow the model by repeating decoder layers, ``[[start, end), ...]`` (``[[0, 4], [2, 5]]``: layers
+    ``0 1 2 3 2 3 4``). Copies share the frozen weights and each gets its own LoRA; merging is then refused.
+    See :mod:`peftkit.methods.lora.replication`."""
 
     @field_validator("r")
     @classmethod
@@ -109,6 +112,18 @@ class LoraConfig(LayeredTunerConfig):
             f"init_lora_weights={value!r} is not supported; use one of {list(LORA_INITS)} "
             "(K a number of subspace iterations)"
         )
+
+    @field_validator("layer_replication", mode="before")
+    @classmethod
+    def _layer_map(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        pairs = [list(pair) for pair in value] if isinstance(value, list | tuple) else None
+        if not pairs or any(len(p) != 2 or not all(isinstance(i, int) for i in p) or p[0] >= p[1] for p in pairs):
+            raise ValueError(
+                f"layer_replication must be a list of [start, end) layer ranges with start < end, got {value!r}"
+            )
+        return pairs
 
     @field_validator("rank_pattern")
     @classmethod

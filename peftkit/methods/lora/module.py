@@ -26,7 +26,7 @@ embedding counterpart of "``B`` starts at zero"), as in PEFT and the LoRA refere
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.init import is_residual, orthogonal_init, residual_init
+from peftkit.methods.lora.replication import replicate_layers
 from peftkit.methods.tuners.adapter import WeightAdapter
 from peftkit.methods.tuners.layer import AdaptedLayer, cast_input, dense_weight
 from peftkit.methods.tuners.targeting import LINEAR_TYPES, pattern_value
@@ -53,6 +54,20 @@ class Lora(WeightAdapter):
         super().__init__(config, adapter_name)
         self.scaling: dict[str, float] = {}
         self._dora_norms: dict[str, Tensor] = {}
+
+    @classmethod
+    def create(cls, base_model: nn.Module, config: LoraConfig, adapter_name: str = "default", **context: Any) -> Lora:
+        if config.layer_replication:  # before targeting: the copies get adapters of their own
+            replicate_layers(base_model, config.layer_replication)
+        return super().create(base_model, config, adapter_name, **context)
+
+    def merge(self, safe_merge: bool = False) -> None:
+        if self.config.layer_replication:
+            raise ValueError(
+                "cannot merge a LoRA adapter with layer_replication: the replicated layers share their base weights, "
+                "so a merge would put every copy's update into all of them"
+            )
+        super().merge(safe_merge)
 
     def build_parts(self, path: str, module: nn.Module) -> dict[str, nn.Module | nn.Parameter]:
         config = self.config
