@@ -59,7 +59,7 @@ def tensors(model, kind: str) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters():
         prefix = "base_model." if isinstance(model, peftkit.PeftModel) else "base_model.model."
         name = name.removeprefix(prefix).replace(".default", "").replace("_vector.weight", "_vector")
-        if (kind == "lora") == ("lora_" in name) and (kind == "lora" or ".base_layer." in name):
+        if kind == "all" or ((kind == "lora") == ("lora_" in name) and (kind == "lora" or ".base_layer." in name)):
             found[name] = param.detach()
     return found
 
@@ -204,3 +204,71 @@ def test_layer_replication_needs_a_known_layer_list():
         peftkit.get_peft_model(tiny_model("gpt2"), peftkit.LoraConfig(layer_replication=[[0, 1]]))
     with pytest.raises(ValueError, match="start < end"):
         peftkit.LoraConfig(layer_replication=[[2, 1]])
+
+
+# ---------------------------------------------------------------------------------------- trainable_token_indices
+TOKENS = {
+    "llama": [3, 5, 7],  # untied head: only the embedding rows train
+    "gpt2": [3, 5, 7],  # head tied to wte: it uses the same trained rows
+    "gemma3": [3, 5, 7],  # tied, and embeddings scaled by √hidden
+    "llama-dict": {"embed_tokens": [3, 5], "lm_head": [4, 9]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKENS))
+def test_trainable_tokens_equal_peft(tmp_path, case):
+    arch = case.split("-")[0]
+    options = {"trainable_token_indices": TOKENS[case], "init_lora_weights": False}
+    ours, theirs = build(peftkit, arch, **options), build(peft, arch, **options)
+    assert_same(tensors(ours, "lora"), tensors(theirs, "lora"))
+    delta = {k: v for k, v in tensors(ours, "all").items() if "trainable_tokens" in k}
+    assert delta and sum(v.numel() for v in delta.values()) == sum(len(v) for v in _flat(TOKENS[case])) * 32
+    perturb(ours, 1)
+    perturb(theirs, 2)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert set(load_file(tmp_path / "ours/adapter_model.safetensors")) == set(
+        load_file(tmp_path / "theirs/adapter_model.safetensors")
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_loaded = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours")
+    ours_loaded = peftkit.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "theirs")
+    torch.testing.assert_close(logits(peft_loaded), logits(ours), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(ours_loaded), logits(theirs), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(ours), logits(theirs), atol=1e-3)
+
+
+def _flat(spec) -> list[list[int]]:
+    return list(spec.values()) if isinstance(spec, dict) else [spec]
+
+
+def test_trainable_tokens_train_only_their_rows_and_merge():
+    model = build(peftkit, "llama", trainable_token_indices=[3, 5], init_lora_weights=False)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    layer = model.base_model.model.embed_tokens
+    delta = layer.token_adapter["default"].trainable_tokens_delta
+    assert not torch.equal(delta, layer.base_layer.weight[[3, 5]])  # trained
+    assert torch.equal(layer.base_layer.weight, tiny_model("llama").model.embed_tokens.weight)  # base frozen
+    model.eval()
+    before = logits(model)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.base_layer.weight[[3, 5]], delta.detach())
+    model.unmerge_adapter()
+    assert torch.equal(layer.base_layer.weight, tiny_model("llama").model.embed_tokens.weight)
+
+
+def test_trainable_tokens_refusals():
+    with pytest.raises(ValueError, match="ensure_weight_tying=True but trainable_token_indices gives the tied layers"):
+        build(peftkit, "gpt2", trainable_token_indices={"wte": [3], "lm_head": [4]}, ensure_weight_tying=True)
+    with pytest.raises(ValueError, match="also in target_modules or modules_to_save"):
+        peftkit.get_peft_model(
+            tiny_model("llama"),
+            peftkit.LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[3]),
+        )
+    with pytest.raises(ValueError, match="distinct token ids in"):
+        peftkit.get_peft_model(tiny_model("llama"), peftkit.LoraConfig(trainable_token_indices=[3, 3]))

@@ -16,7 +16,6 @@ from peftkit.methods.tuners.config import LayeredTunerConfig, check_bias, check_
 LORA_UNSUPPORTED: dict[str, Any] = {
     "megatron_config": None,
     "megatron_core": "megatron.core",
-    "trainable_token_indices": None,
     "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
@@ -30,7 +29,6 @@ LORA_UNSUPPORTED: dict[str, Any] = {
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
-    "ensure_weight_tying": False,
 }
 
 LORA_INITS = (True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "orthogonal")
@@ -75,6 +73,12 @@ class LoraConfig(LayeredTunerConfig):
     """DoRA: split the adapted weight into a trained per-output magnitude and a LoRA-updated direction."""
     lora_bias: bool = False
     """Give ``B`` a trained bias (merging then needs the base layer to have a bias)."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Token ids whose embedding rows train beside the LoRA: a list (the input embedding) or
+    ``{layer name: ids}``. A tied output head uses the same rows. See :mod:`peftkit.methods.lora.tokens`."""
+    ensure_weight_tying: bool = False
+    """Keep tied layers tied: with ``trainable_token_indices``, tied layers given different ids are an error
+    (otherwise each gets its own rows, as in PEFT)."""
     layer_replication: list[list[int]] | None = None
     """Grow the model by repeating decoder layers, ``[[start, end), ...]`` (``[[0, 4], [2, 5]]``: layers
     ``0 1 2 3 2 3 4``). Copies share the frozen weights and each gets its own LoRA; merging is then refused.

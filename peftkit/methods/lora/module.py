@@ -26,6 +26,7 @@ embedding counterpart of "``B`` starts at zero"), as in PEFT and the LoRA refere
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -36,8 +37,9 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.init import is_residual, orthogonal_init, residual_init
 from peftkit.methods.lora.replication import replicate_layers
-from peftkit.methods.tuners.adapter import WeightAdapter
-from peftkit.methods.tuners.layer import AdaptedLayer, cast_input, dense_weight
+from peftkit.methods.lora.tokens import TokenDelta, tied_heads, token_layers
+from peftkit.methods.tuners.adapter import PREFIX, WeightAdapter
+from peftkit.methods.tuners.layer import AdaptedLayer, base_of, cast_input, dense_weight
 from peftkit.methods.tuners.targeting import LINEAR_TYPES, pattern_value
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
@@ -54,12 +56,60 @@ class Lora(WeightAdapter):
         super().__init__(config, adapter_name)
         self.scaling: dict[str, float] = {}
         self._dora_norms: dict[str, Tensor] = {}
+        #: ``trainable_token_indices``: layer path → its trained rows; tied heads share the embedding's.
+        self.token_paths: dict[str, TokenDelta] = {}
+        self.tied_token_paths: set[str] = set()
 
     @classmethod
     def create(cls, base_model: nn.Module, config: LoraConfig, adapter_name: str = "default", **context: Any) -> Lora:
         if config.layer_replication:  # before targeting: the copies get adapters of their own
             replicate_layers(base_model, config.layer_replication)
-        return super().create(base_model, config, adapter_name, **context)
+        adapter = super().create(base_model, config, adapter_name, **context)
+        if config.trainable_token_indices is not None:
+            adapter.add_token_parts(base_model)
+        return adapter
+
+    def add_token_parts(self, base_model: nn.Module) -> None:
+        """The ``token_adapter`` parts of ``trainable_token_indices`` (see :mod:`peftkit.methods.lora.tokens`)."""
+        layers = token_layers(base_model, self.config.trainable_token_indices)
+        tied: dict[str, str] = {}  # head → embedding
+        for path in list(layers):
+            for head in tied_heads(base_model, path):
+                if head in layers and layers[head] != layers[path]:
+                    if self.config.ensure_weight_tying:
+                        raise ValueError(
+                            f"ensure_weight_tying=True but trainable_token_indices gives the tied layers {path!r} and "
+                            f"{head!r} different indices ({layers[path]} and {layers[head]})"
+                        )
+                    continue  # two independent sets of rows on one shared weight, as PEFT does
+                layers.pop(head, None)
+                tied[head] = path
+        for path in [*layers, *tied]:
+            if path in self.parts or path in self.saved:
+                raise ValueError(
+                    f"trainable_token_indices: {path!r} is also in target_modules or modules_to_save; "
+                    "train the layer one way only"
+                )
+        for path, indices in layers.items():
+            delta = TokenDelta(base_of(base_model.get_submodule(path)).weight, indices)
+            self.parts[path] = {"token_adapter": delta}
+            self.token_paths[path] = delta
+        for head, path in tied.items():
+            self.parts[head] = {"token_adapter": self.token_paths[path]}
+            self.token_paths[head] = self.token_paths[path]
+            self.tied_token_paths.add(head)
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        seen: set[int] = set()
+        for param in super().adapter_parameters():
+            if id(param) not in seen:  # a tied head shares the embedding's trained rows
+                seen.add(id(param))
+                yield param
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        tensors = super().named_tensors()
+        heads = tuple(f"{PREFIX}{head}." for head in self.tied_token_paths)
+        return {k: v for k, v in tensors.items() if not (heads and k.startswith(heads))}
 
     def merge(self, safe_merge: bool = False) -> None:
         if self.config.layer_replication:
@@ -167,6 +217,17 @@ class Lora(WeightAdapter):
             return update.view(up.weight.shape[0], *a.shape[1:]) * scaling
         return (up.weight.float() @ down.weight.float()) * scaling
 
+    def transform_output(
+        self, layer: AdaptedLayer, x: Tensor, y: Tensor, rows: Tensor | None, args: tuple, kwargs: dict
+    ) -> Tensor:
+        tokens = self.token_paths.get(layer.path)
+        if tokens is None:
+            return super().transform_output(layer, x, y, rows, args, kwargs)
+        if rows is None:
+            return tokens(layer.base_layer, x).to(y.dtype)
+        index = rows.nonzero().squeeze(1)
+        return y.index_copy(0, index, tokens(layer.base_layer, x.index_select(0, index)).to(y.dtype))
+
     def delta(self, layer: AdaptedLayer, x: Tensor) -> Tensor:
         base = layer.base_layer
         if isinstance(base, nn.Embedding):
@@ -203,6 +264,9 @@ class Lora(WeightAdapter):
         return self.lora_weight(layer)
 
     def merged_tensors(self, layer: AdaptedLayer) -> dict[str, Tensor]:
+        tokens = self.token_paths.get(layer.path)
+        if tokens is not None:
+            return {"weight": tokens.weight_with_rows(layer.base_layer.weight.detach())}
         weight = layer.dense_weight().float()
         update = self.lora_weight(layer)
         if self.config.use_dora:
@@ -215,6 +279,9 @@ class Lora(WeightAdapter):
         return tensors | self._bias_tensors(layer, sign=1.0)
 
     def unmerged_tensors(self, layer: AdaptedLayer) -> dict[str, Tensor]:
+        tokens = self.token_paths.get(layer.path)
+        if tokens is not None:
+            return {"weight": tokens.weight_with_rows(layer.base_layer.weight.detach(), tokens.original)}
         weight = layer.dense_weight().float()
         update = self.lora_weight(layer)
         if self.config.use_dora:
