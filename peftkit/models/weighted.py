@@ -117,7 +117,7 @@ def add_weighted_adapter(
     assert isinstance(new, Lora)
     with torch.no_grad():
         for path in new.parts:
-            if path in new.token_paths:  # trained embedding rows start from the base rows, as in PEFT
+            if path in new.token_paths or path in new.tied_lora:  # token rows start from the base; tied heads follow
                 continue
             layer = model.base_model.get_submodule(path)
             present = [(s, w) for s, w in zip(sources, weights, strict=True) if path in s.parts]

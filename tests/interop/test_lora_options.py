@@ -272,3 +272,52 @@ def test_trainable_tokens_refusals():
         )
     with pytest.raises(ValueError, match="distinct token ids in"):
         peftkit.get_peft_model(tiny_model("llama"), peftkit.LoraConfig(trainable_token_indices=[3, 3]))
+
+
+# ---------------------------------------------------------------------------------------- ensure_weight_tying
+TYING = {
+    "targets": {"target_modules": ["embed_tokens", "q_proj"]},
+    "modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(TYING))
+def test_ensure_weight_tying_equals_peft(tmp_path, case):
+    """Gemma3 ties lm_head to embed_tokens: with ensure_weight_tying the head follows the embedding's adapter."""
+    options = {**TYING[case], "ensure_weight_tying": True, "init_lora_weights": False}
+    ours, theirs = build(peftkit, "gemma3", **options), build(peft, "gemma3", **options)
+    perturb(theirs, 2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_loaded = peftkit.PeftModel.from_pretrained(tiny_model("gemma3"), tmp_path / "theirs")
+    torch.testing.assert_close(logits(ours_loaded), logits(theirs), atol=1e-5, rtol=1e-5)
+    perturb(ours, 1)
+    ours.save_pretrained(tmp_path / "ours")
+    written = load_file(tmp_path / "ours/adapter_model.safetensors")
+    reference = load_file(tmp_path / "theirs/adapter_model.safetensors")
+    assert {k for k in written if ".base_layer." not in k} == {k for k in reference if ".base_layer." not in k}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_loaded = peft.PeftModel.from_pretrained(tiny_model("gemma3"), tmp_path / "ours")
+    torch.testing.assert_close(logits(peft_loaded), logits(ours), atol=1e-5, rtol=1e-5)
+    # The head really follows: its output changes with the embedding's adapter.
+    head = ours.base_model.lm_head
+    untied = torch.nn.functional.linear(torch.ones(1, 32), tiny_model("gemma3").lm_head.weight)
+    assert not torch.allclose(head(torch.ones(1, 32)), untied, atol=1e-3)
+
+
+def test_ensure_weight_tying_shares_one_set_of_factors():
+    model = build(peftkit, "gemma3", target_modules=["embed_tokens"], ensure_weight_tying=True, init_lora_weights=False)
+    embedding = model.base_model.model.embed_tokens
+    a, b = embedding.lora_embedding_A["default"], embedding.lora_embedding_B["default"]
+    assert model.get_nb_trainable_parameters()[0] == a.numel() + b.numel()
+    update = model.adapters["default"].lora_weight(model.base_model.lm_head)
+    torch.testing.assert_close(update, model.adapters["default"].lora_weight(embedding))  # ΔW_head = ΔW_embᵀ·ᵀ
+    model(input_ids=IDS).logits.sum().backward()
+    assert a.grad is not None and b.grad is not None
+
+
+def test_ensure_weight_tying_without_anything_tied_warns():
+    with pytest.warns(UserWarning, match="no layer of this model is tied"):
+        peftkit.get_peft_model(tiny_model("llama"), peftkit.LoraConfig(ensure_weight_tying=True))
+    with pytest.warns(UserWarning, match="ensure_weight_tying is False"):
+        peftkit.get_peft_model(tiny_model("gemma3"), peftkit.LoraConfig(target_modules=["embed_tokens"]))

@@ -38,6 +38,7 @@ from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.init import is_residual, orthogonal_init, residual_init
 from peftkit.methods.lora.replication import replicate_layers
 from peftkit.methods.lora.tokens import TokenDelta, tied_heads, token_layers
+from peftkit.methods.lora.tying import apply_weight_tying
 from peftkit.methods.tuners.adapter import PREFIX, WeightAdapter
 from peftkit.methods.tuners.layer import AdaptedLayer, base_of, cast_input, dense_weight
 from peftkit.methods.tuners.targeting import LINEAR_TYPES, pattern_value
@@ -59,6 +60,8 @@ class Lora(WeightAdapter):
         #: ``trainable_token_indices``: layer path → its trained rows; tied heads share the embedding's.
         self.token_paths: dict[str, TokenDelta] = {}
         self.tied_token_paths: set[str] = set()
+        #: ``ensure_weight_tying``: output head path → the embedding whose LoRA factors it uses, transposed.
+        self.tied_lora: dict[str, str] = {}
 
     @classmethod
     def create(cls, base_model: nn.Module, config: LoraConfig, adapter_name: str = "default", **context: Any) -> Lora:
@@ -67,6 +70,7 @@ class Lora(WeightAdapter):
         adapter = super().create(base_model, config, adapter_name, **context)
         if config.trainable_token_indices is not None:
             adapter.add_token_parts(base_model)
+        apply_weight_tying(adapter, base_model)
         return adapter
 
     def add_token_parts(self, base_model: nn.Module) -> None:
@@ -109,7 +113,12 @@ class Lora(WeightAdapter):
     def named_tensors(self) -> dict[str, Tensor]:
         tensors = super().named_tensors()
         heads = tuple(f"{PREFIX}{head}." for head in self.tied_token_paths)
-        return {k: v for k, v in tensors.items() if not (heads and k.startswith(heads))}
+        tensors = {k: v for k, v in tensors.items() if not (heads and k.startswith(heads))}
+        for head, embedding in self.tied_lora.items():  # written as PEFT writes them: the transposed factors
+            a, b = self.parts[embedding]["lora_embedding_A"], self.parts[embedding]["lora_embedding_B"]
+            tensors[f"{PREFIX}{head}.lora_A.weight"] = b.t()
+            tensors[f"{PREFIX}{head}.lora_B.weight"] = a.t()
+        return tensors
 
     def merge(self, safe_merge: bool = False) -> None:
         if self.config.layer_replication:
@@ -207,6 +216,9 @@ class Lora(WeightAdapter):
         ``(num, dim)`` for an embedding, ``(out, in, *kernel)`` for a convolution."""
         scaling = self.scaling[layer.path]
         base = layer.base_layer
+        if layer.path in self.tied_lora:  # ΔW_head = s · A_embᵀ B_embᵀ (tying.py)
+            a, b = self._tied_factors(layer)
+            return (b.float() @ a.float()) * scaling
         if isinstance(base, nn.Embedding):
             a, b = self.part(layer, "lora_embedding_A"), self.part(layer, "lora_embedding_B")
             return (b.float() @ a.float()).t() * scaling
@@ -232,6 +244,10 @@ class Lora(WeightAdapter):
         base = layer.base_layer
         if isinstance(base, nn.Embedding):
             return self._embedding_delta(layer, x)
+        if layer.path in self.tied_lora:
+            a, b = self._tied_factors(layer)
+            x = self.part(layer, "lora_dropout")(cast_input(x, a.dtype))
+            return (x @ a.t() @ b.t()) * self.scaling[layer.path]
         down, up = self.part(layer, "lora_A"), self.part(layer, "lora_B")
         x = self.part(layer, "lora_dropout")(cast_input(x, down.weight.dtype))
         update = up(down(x)) * self.scaling[layer.path]
@@ -240,6 +256,11 @@ class Lora(WeightAdapter):
         weight = layer.dense_weight().to(x.dtype)
         scale = self.dora_scale(layer, weight)
         return (scale - 1) * F.linear(x, weight) + scale * update
+
+    def _tied_factors(self, layer: AdaptedLayer) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of a head tied to the embedding: ``(B_embᵀ, A_embᵀ)``, the embedding's own parameters."""
+        parts = self.parts[self.tied_lora[layer.path]]
+        return parts["lora_embedding_B"].t(), parts["lora_embedding_A"].t()
 
     def _embedding_delta(self, layer: AdaptedLayer, ids: Tensor) -> Tensor:
         """``(..., dim)`` ``s · B A[:, ids]``, times the layer's ``embed_scale`` when it has one (Gemma)."""
