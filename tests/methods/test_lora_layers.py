@@ -216,3 +216,23 @@ def test_embedding_merge_on_an_untied_model():
         model.merge_adapter()
         torch.testing.assert_close(model(input_ids=IDS).logits, before, atol=1e-5, rtol=1e-5)
     assert model.base_model.get_input_embeddings().base_layer.weight.shape == (VOCAB, 32)
+
+
+def test_conv_and_embedding_mixed_rows_equal_per_row_runs():
+    """Per-row routing (what PeftModel.forward publishes for ``adapter_names=``): row 0 uses adapter ``other``,
+    row 1 the bare base model; each equals its own single-row run."""
+    ours, _ = pair()
+    torch.manual_seed(5)
+    ours.add_adapter("other", config(peftkit, init_lora_weights=False))
+    base = ours.get_base_model()
+    with torch.no_grad():
+        with ours.routing.scope({"other": torch.tensor([0, -1])}):
+            mixed = base(IDS)
+        with ours.routing.scope({"other": torch.tensor([0])}):
+            first = base(IDS[:1])
+        with ours.routing.scope({}):
+            second = base(IDS[1:])
+    torch.testing.assert_close(mixed[:1], first, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mixed[1:], second, atol=1e-6, rtol=1e-5)  # conv kernels vary with batch size
+    torch.testing.assert_close(second, net()(IDS[1:]), atol=0, rtol=0)
+    assert not torch.allclose(first, net()(IDS[:1]), atol=1e-3)
