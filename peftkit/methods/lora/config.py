@@ -27,9 +27,15 @@ LORA_UNSUPPORTED: dict[str, Any] = {
     "monteclora_config": None,
     "target_parameters": None,
     "use_bdlora": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+    "ensure_weight_tying": False,
     "arrow_config": None,
     "kasa_config": None,
 }
+
+#: Of those, the ones LoRA implements (AdaLoRA, which shares the list, does not).
+LORA_IMPLEMENTED = ("trainable_token_indices", "layer_replication", "ensure_weight_tying")
 
 LORA_INITS = (True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "orthogonal")
 
@@ -41,7 +47,9 @@ class LoraConfig(LayeredTunerConfig):
     + ``out`` with ``use_dora``).
     """
 
-    unsupported_defaults: ClassVar[dict[str, Any]] = LORA_UNSUPPORTED
+    unsupported_defaults: ClassVar[dict[str, Any]] = {
+        k: v for k, v in LORA_UNSUPPORTED.items() if k not in LORA_IMPLEMENTED
+    }
 
     peft_type: Literal["LORA"] = "LORA"
     r: int = 8
