@@ -504,6 +504,16 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
             return generate_with_output(self, generate, *args, **kwargs)
         return generate(self, *args, **kwargs)
 
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, **options: Any
+    ) -> None:
+        """A new LoRA adapter combined from ``adapters`` (``combination_type="svd"``, ``"cat"``, ``"linear"``,
+        ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` and the ``_svd`` variants, as PEFT);
+        see :func:`peftkit.models.weighted.add_weighted_adapter`."""
+        from peftkit.models.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **options)
+
 
 def get_peft_model(
     model: nn.Module,

@@ -87,8 +87,8 @@ def test_config_validation_names_field_and_value():
         LoraConfig(bias="some")
     with pytest.raises(ValueError, match="layers_to_transform=.* cannot be combined with a regex"):
         LoraConfig(target_modules=".*q_proj", layers_to_transform=[0])
-    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported"):
-        LoraConfig(init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="init_lora_weights='loftq' is not supported by peftkit: LoftQ .* quantis"):
+        LoraConfig(init_lora_weights="loftq")
     with pytest.raises(ValueError, match="extra"):
         LoraConfig(not_a_field=1)
 

@@ -28,6 +28,7 @@ class AdaLora(WeightAdapter):
 
     config: AdaLoraConfig
     bias_only = "lora_only"
+    default_targets_table = "adalora"
 
     def __init__(self, config: AdaLoraConfig, adapter_name: str) -> None:
         super().__init__(config, adapter_name)

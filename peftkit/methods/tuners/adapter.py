@@ -44,7 +44,7 @@ class WeightAdapter(ParameterOwner):
     #: Module types the method wraps.
     supported_types: ClassVar[tuple[type[nn.Module], ...]] = LINEAR_TYPES
     #: Which PEFT default table ``target_modules=None`` reads.
-    default_targets_table: ClassVar[str] = "attention"
+    default_targets_table: ClassVar[str] = "lora"
     #: PEFT's spelling of "train the biases of adapted layers" for the ``bias`` field (e.g. ``"lora_only"``).
     bias_only: ClassVar[str | None] = None
 
@@ -170,7 +170,16 @@ class WeightAdapter(ParameterOwner):
         return tensors
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        return {key: value.detach() for key, value in self.named_tensors().items()}
+        """PEFT file key → tensor, each contiguous and owning its memory (safetensors refuses shared tensors,
+        which tied layers have)."""
+        seen: set[int] = set()
+        tensors = {}
+        for key, value in self.named_tensors().items():
+            value = value.detach()
+            pointer = value.untyped_storage().data_ptr()
+            tensors[key] = value.clone() if pointer in seen or not value.is_contiguous() else value
+            seen.add(pointer)
+        return tensors
 
     def load_adapter_state_dict(self, state_dict: dict[str, Tensor], *, trainable: bool) -> None:
         """Copy PEFT-format tensors in. Keys missing ``base_model.model.`` are read under the full key;

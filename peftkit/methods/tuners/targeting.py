@@ -7,7 +7,8 @@
   projection but not its attention one);
 - a string: a regular expression that must match the whole module path (``re.fullmatch``);
 - ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head;
-- ``None``: the method's default for the model type (PEFT's table, e.g. ``q_proj, v_proj`` for Llama).
+- ``None``: the method's default for the model type (PEFT's tables in :mod:`~peftkit.methods.tuners.defaults`,
+  e.g. ``q_proj, v_proj`` for Llama).
 
 ``layers_to_transform`` (an index or a list) keeps only modules inside those decoder layers; the layer
 index is the number after ``layers_pattern`` (or, without a pattern, the first numbered path segment).
@@ -24,33 +25,9 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-ALL_LINEAR = "all-linear"
+from peftkit.methods.tuners.defaults import DEFAULT_TARGETS
 
-#: Modules each method targets when ``target_modules`` is ``None`` (PEFT's defaults for these model types).
-DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
-    "attention": {
-        "llama": ["q_proj", "v_proj"],
-        "qwen2": ["q_proj", "v_proj"],
-        "gemma3_text": ["q_proj", "v_proj"],
-        "gemma3": ["q_proj", "v_proj"],
-        "mistral": ["q_proj", "v_proj"],
-        "gpt2": ["c_attn"],
-    },
-    "ia3": {
-        "llama": ["k_proj", "v_proj", "down_proj"],
-        "qwen2": ["q_proj", "v_proj", "down_proj"],
-        "gemma3_text": ["q_proj", "v_proj", "down_proj"],
-        "mistral": ["k_proj", "v_proj", "down_proj"],
-        "gpt2": ["c_attn", "mlp.c_proj"],
-    },
-    "ia3_feedforward": {
-        "llama": ["down_proj"],
-        "qwen2": ["down_proj"],
-        "gemma3_text": ["down_proj"],
-        "mistral": ["down_proj"],
-        "gpt2": ["mlp.c_proj"],
-    },
-}
+ALL_LINEAR = "all-linear"
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -60,16 +37,17 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def default_targets(model: nn.Module, table: str, field: str = "target_modules") -> list[str]:
-    """The default target list for ``model``'s type, or an error saying to set ``field``."""
+def default_targets(model: nn.Module, table: str, field: str = "target_modules") -> list[str] | str:
+    """PEFT's default targets for ``model``'s type (``table`` of :data:`DEFAULT_TARGETS`), or an error saying
+    to set ``field``."""
     kind = model_type(model)
     targets = DEFAULT_TARGETS[table].get(kind or "")
     if targets is None:
         raise ValueError(
-            f"{field} is not set and peftkit has no default for model type {kind!r} "
-            f"(defaults exist for {sorted(DEFAULT_TARGETS[table])}); pass {field} explicitly"
+            f"{field} is not set and there is no default for model type {kind!r} "
+            f"(PEFT's defaults cover {sorted(DEFAULT_TARGETS[table])}); pass {field} explicitly"
         )
-    return list(targets)
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def output_head_name(model: nn.Module) -> str | None:

@@ -45,6 +45,7 @@ class Vera(WeightAdapter):
 
     config: VeraConfig
     bias_only = "vera_only"
+    default_targets_table = "vera"
 
     def prepare(self, modules: dict[str, nn.Module]) -> None:
         shapes = [dense_weight(m).shape for m in modules.values()]
