@@ -119,7 +119,7 @@ def add_weighted_adapter(
         for path in new.parts:
             if path in new.token_paths or path in new.tied_lora:  # token rows start from the base; tied heads follow
                 continue
-            layer = model.base_model.get_submodule(path)
+            layer = model.get_base_model().get_submodule(path)
             present = [(s, w) for s, w in zip(sources, weights, strict=True) if path in s.parts]
             if not present:
                 raise ValueError(f"no source adapter adapts {path}")

@@ -28,7 +28,7 @@ def test_peft_olora_breaks_on_conv1d_and_peftkit_does_not():
         logits(theirs)
     ours = build(peftkit, "gpt2", init_lora_weights="olora")
     torch.testing.assert_close(logits(ours), tiny_model("gpt2")(input_ids=IDS).logits, atol=1e-4, rtol=1e-4)
-    layer = ours.base_model.transformer.h[0].attn.c_attn
+    layer = ours.get_base_model().transformer.h[0].attn.c_attn
     weight = tiny_model("gpt2").transformer.h[0].attn.c_attn.weight.t()  # (out, in)
     q, upper = torch.linalg.qr(weight)
     torch.testing.assert_close(layer.lora_A["default"].weight, upper[:4])
@@ -57,7 +57,7 @@ def tensors(model, kind: str) -> dict[str, torch.Tensor]:
     """``kind="lora"``: adapter tensors; ``"base"``: the base weights of the wrapped layers."""
     found = {}
     for name, param in model.named_parameters():
-        prefix = "base_model." if isinstance(model, peftkit.PeftModel) else "base_model.model."
+        prefix = "base_model.model."
         name = name.removeprefix(prefix).replace(".default", "").replace("_vector.weight", "_vector")
         if kind == "all" or ((kind == "lora") == ("lora_" in name) and (kind == "lora" or ".base_layer." in name)):
             found[name] = param.detach()
@@ -163,8 +163,8 @@ def test_layer_replication_equals_peft(tmp_path):
     """[[0, 2], [1, 2]] on 2 layers gives 0 1 1: three decoder layers, the last two sharing layer 1's weights."""
     options = {"layer_replication": [[0, 2], [1, 2]], "init_lora_weights": False}
     ours, theirs = build(peftkit, "llama", **options), build(peft, "llama", **options)
-    layers = ours.base_model.model.layers
-    assert len(layers) == 3 and ours.base_model.config.num_hidden_layers == 3
+    layers = ours.get_base_model().model.layers
+    assert len(layers) == 3 and ours.get_base_model().config.num_hidden_layers == 3
     assert layers[2].mlp.up_proj.weight is layers[1].mlp.up_proj.weight  # shared, not copied
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
     assert_same(tensors(ours, "lora"), tensors(theirs, "lora"))
@@ -185,7 +185,7 @@ def test_layer_replication_equals_peft(tmp_path):
         ours.merge_adapter()
     # A second adapter with the same map does not grow the model again; another map is refused.
     ours.add_adapter("again", peftkit.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]))
-    assert len(ours.base_model.model.layers) == 3
+    assert len(ours.get_base_model().model.layers) == 3
     with pytest.raises(ValueError, match="already replicated"):
         ours.add_adapter("other", peftkit.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 2]]))
 
@@ -249,7 +249,7 @@ def test_trainable_tokens_train_only_their_rows_and_merge():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model(input_ids=IDS, labels=IDS).loss.backward()
     optimizer.step()
-    layer = model.base_model.model.embed_tokens
+    layer = model.get_base_model().model.embed_tokens
     delta = layer.token_adapter["default"].trainable_tokens_delta
     assert not torch.equal(delta, layer.base_layer.weight[[3, 5]])  # trained
     assert torch.equal(layer.base_layer.weight, tiny_model("llama").model.embed_tokens.weight)  # base frozen
@@ -300,17 +300,17 @@ def test_ensure_weight_tying_equals_peft(tmp_path, case):
         peft_loaded = peft.PeftModel.from_pretrained(tiny_model("gemma3"), tmp_path / "ours")
     torch.testing.assert_close(logits(peft_loaded), logits(ours), atol=1e-5, rtol=1e-5)
     # The head really follows: its output changes with the embedding's adapter.
-    head = ours.base_model.lm_head
+    head = ours.get_base_model().lm_head
     untied = torch.nn.functional.linear(torch.ones(1, 32), tiny_model("gemma3").lm_head.weight)
     assert not torch.allclose(head(torch.ones(1, 32)), untied, atol=1e-3)
 
 
 def test_ensure_weight_tying_shares_one_set_of_factors():
     model = build(peftkit, "gemma3", target_modules=["embed_tokens"], ensure_weight_tying=True, init_lora_weights=False)
-    embedding = model.base_model.model.embed_tokens
+    embedding = model.get_base_model().model.embed_tokens
     a, b = embedding.lora_embedding_A["default"], embedding.lora_embedding_B["default"]
     assert model.get_nb_trainable_parameters()[0] == a.numel() + b.numel()
-    update = model.adapters["default"].lora_weight(model.base_model.lm_head)
+    update = model.adapters["default"].lora_weight(model.get_base_model().lm_head)
     torch.testing.assert_close(update, model.adapters["default"].lora_weight(embedding))  # ΔW_head = ΔW_embᵀ·ᵀ
     model(input_ids=IDS).logits.sum().backward()
     assert a.grad is not None and b.grad is not None

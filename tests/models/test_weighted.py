@@ -49,7 +49,7 @@ def build(lib, base, targets_a, targets_b, r_b=4, task_type="CAUSAL_LM"):
 
 
 def lora_tensors(model, adapter: str) -> dict[str, torch.Tensor]:
-    prefix = "base_model." if isinstance(model, peftkit.PeftModel) else "base_model.model."
+    prefix = "base_model.model."
     return {
         n.removeprefix(prefix).replace(f".{adapter}", ""): p.detach()
         for n, p in model.named_parameters()
@@ -126,7 +126,7 @@ def test_embedding_and_conv2d_equal_peft(combination_type):
 def test_exact_identities():
     """``cat`` is exactly ``Σ w_i ΔW_i``; ``svd`` at full rank too; one adapter ``linear`` is ``w ΔW``."""
     model = build(peftkit, lambda: tiny_model("llama"), ["q_proj"], ["q_proj"], r_b=2)
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
     adapters = model.adapters
     expected = 0.7 * adapters["a"].lora_weight(layer) - 0.4 * adapters["b"].lora_weight(layer)
     model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "cat", combination_type="cat")
