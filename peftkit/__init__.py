@@ -4,6 +4,11 @@ Drop-in for Hugging Face PEFT's public API: change ``from peft import ...`` to
 ``from peftkit import ...``.
 """
 
+# First, before anything imports torch: OpenMP reads its settings when it loads (peftkit/runtime.py).
+from peftkit import runtime  # noqa: F401
+
+# isort: split
+
 from peftkit.config import CONFIG_NAME, WEIGHTS_NAME, PeftConfig, PeftType, TaskType
 from peftkit.methods.adalora import AdaLora, AdaLoraConfig
 from peftkit.methods.boft import BOFT, BOFTConfig
