@@ -6,6 +6,11 @@ PEFT methods peftkit does not ship import fine and raise a clear error when used
 (see ``docs/peft-compatibility.md``).
 """
 
+# First, before anything imports torch: OpenMP reads its settings when it loads (peftkit/runtime.py).
+from peftkit import runtime  # noqa: F401
+
+# isort: split
+
 from peftkit.compat import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_MIXED_MODEL_MAPPING,

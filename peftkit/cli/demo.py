@@ -44,6 +44,8 @@ class DemoSettings:
     seed: int = 0
     output: Path = Path("runs/demo")
     device: str = "auto"
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: frozen base weights in bf16, soft prompt and AdamW in fp32."""
 
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
@@ -52,7 +54,10 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     console.rule("[bold]peftkit demo: a soft prompt for movie-review sentiment")
 
     start = time.perf_counter()
-    model, tokenizer = load_base(settings.model, device=settings.device)
+    if settings.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {settings.precision!r}")
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    model, tokenizer = load_base(settings.model, dtype=dtype, device=settings.device)
     console.print(f"Loaded [bold]{settings.model}[/] on {model.device} in {time.perf_counter() - start:.1f} s")
 
     split = {"test_size": settings.test_size, "seed": settings.seed}
@@ -81,7 +86,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     )
     training = TrainingConfig(
         lr=settings.lr, max_steps=settings.steps, batch_size=settings.batch_size, warmup_steps=10,
-        scheduler="linear", max_grad_norm=1.0, seed=settings.seed, eval_at_end=False,
+        scheduler="linear", max_grad_norm=1.0, seed=settings.seed, eval_at_end=False, precision=settings.precision,
     )  # fmt: skip
     run_dir = settings.output / "train"
     trainer = Trainer(peft_model, data, training, output_dir=run_dir, description="prompt tuning", console=console)
@@ -111,6 +116,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     summary = {
         "model": settings.model,
         "method": "prompt tuning",
+        "precision": settings.precision,
         "num_virtual_tokens": settings.num_virtual_tokens,
         "train_steps": settings.steps,
         "batch_size": settings.batch_size,

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=20, help="virtual tokens (default 20)")
     demo.add_argument("--test-size", type=int, default=400, help="held-out reviews (default 400)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: base weights in bf16 (default fp32)"
+    )
     demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="where the adapter and summary go")
     demo.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
@@ -83,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 output=args.output,
                 device=args.device,
+                precision=args.precision,
             )
             run_demo(settings, console)
         elif args.command == "train":

@@ -15,6 +15,15 @@ def test_help_lists_the_commands(capsys):
 def test_demo_defaults():
     args = build_parser().parse_args(["demo"])
     assert (args.steps, args.batch_size, args.tokens, args.test_size) == (200, 8, 20, 400)
+    assert args.precision == "fp32"
+    assert build_parser().parse_args(["demo", "--precision", "bf16"]).precision == "bf16"
+
+
+def test_demo_passes_its_precision_on(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("peftkit.cli.demo.run_demo", lambda settings, console: seen.setdefault("s", settings))
+    assert main(["demo", "--precision", "bf16", "--output", str(tmp_path)]) == 0
+    assert seen["s"].precision == "bf16"
 
 
 def test_unknown_alias_is_an_error(capsys):

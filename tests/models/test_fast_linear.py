@@ -1,0 +1,62 @@
+"""Frozen fp32 linear layers through oneDNN: the same values and input gradients as ``F.linear``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftkit import PromptTuningConfig, get_peft_model
+from peftkit.models import fast_linear
+from peftkit.models.fast_linear import MIN_ROWS, frozen_linear_on_onednn, onednn_linear_available
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="oneDNN routing unavailable here")
+
+
+def routed_name(y: torch.Tensor) -> str:
+    return type(y.grad_fn).__name__
+
+
+def test_values_and_input_gradient_match_f_linear():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, MIN_ROWS, 48, generator=gen, dtype=torch.float64).float().requires_grad_()
+    weight, bias = torch.randn(80, 48, generator=gen), torch.randn(80, generator=gen)
+    grad = torch.randn(2, MIN_ROWS, 80, generator=gen)
+    with frozen_linear_on_onednn():
+        y = F.linear(x, weight, bias)
+    assert "FrozenLinear" in routed_name(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(y, (x.double() @ weight.double().T + bias.double()).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx, (grad.double() @ weight.double()).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_trainable_bf16_and_few_row_calls_keep_the_default_path():
+    x = torch.randn(MIN_ROWS, 8, requires_grad=True)
+    trainable = torch.randn(4, 8, requires_grad=True)
+    with frozen_linear_on_onednn():
+        y_trainable = F.linear(x, trainable)
+        y_bf16 = F.linear(x.bfloat16(), torch.randn(4, 8).bfloat16())
+        y_few = F.linear(x[: MIN_ROWS - 1], torch.randn(4, 8))
+    for y in (y_trainable, y_bf16, y_few):
+        assert "FrozenLinear" not in routed_name(y)
+    y_trainable.sum().backward()
+    assert trainable.grad is not None  # a trainable weight still gets its gradient
+
+
+def test_a_soft_prompt_trains_to_the_same_gradient(monkeypatch):
+    """The routing sits in every PeftModel forward; with it off, the prompt gradient is the same."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=4))
+    ids = torch.randint(3, 60, (4, 12))
+    labels = ids.clone()
+    calls = []
+    onednn = fast_linear._onednn
+    monkeypatch.setattr(fast_linear, "_onednn", lambda *a: calls.append(1) or onednn(*a))
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fast_linear, "onednn_linear_available", lambda e=enabled: e)
+        model.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        grads.append(model.prompt_encoder["default"].embedding.weight.grad.clone())
+        assert bool(calls) == enabled  # forward and backward of every projection went through oneDNN
+        calls.clear()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
