@@ -176,7 +176,7 @@ def describe_validation(exc: ValidationError) -> str:
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "value"
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] in ("value_error", "assertion_error") or "input" not in error:
+        if error["type"] in ("value_error", "assertion_error", "missing") or "input" not in error:
             parts.append(f"{where}: {message}")
         else:
             parts.append(f"{where}={error['input']!r}: {message}")
