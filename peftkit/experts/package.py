@@ -214,7 +214,8 @@ def build_package(
         members["eval/report.json"] = _json(json.loads(report.read_text()))
         if (report.parent / "report.md").is_file():
             members["eval/report.md"] = (report.parent / "report.md").read_bytes()
-    members = {MANIFEST: _json(resolved.model_dump(mode="json", exclude_none=True)), **members}
+    # only what the author set (and what packaging filled in): chat reports the rest as defaults
+    members = {MANIFEST: _json(resolved.model_dump(mode="json", exclude_none=True, exclude_unset=True)), **members}
     return write_archive(members, Path(output_dir) / resolved.package_name)
 
 
