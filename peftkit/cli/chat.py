@@ -83,9 +83,13 @@ def resolve(args: argparse.Namespace, manifest: Any) -> tuple[DecodingSettings, 
 def open_model(args: argparse.Namespace, err: TextIO) -> tuple[Any, Any, Any, list[str]]:
     """``(peft model, tokenizer, manifest or None, runtime lines)``."""
     if args.expert is not None:
+        import warnings
+
         from peftkit.experts.load import load_expert
 
-        expert = load_expert(args.expert)
+        with warnings.catch_warnings():  # a kernel fallback is printed below, as one of the start-up lines
+            warnings.simplefilter("ignore", UserWarning)
+            expert = load_expert(args.expert)
         hints = expert.manifest.runtime
         persist = hints.requires_kv_cache_persistence if args.kv_cache is None else args.kv_cache
         lines = [
