@@ -119,9 +119,10 @@ def _bare(model: Any) -> Any:
     return peft_model
 
 
-def run_generate(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     from peftkit.session import ChatTemplate, DecodingSession
 
+    out, err = out or sys.stdout, err or sys.stderr
     model, tokenizer, manifest, lines = open_model(args, err)
     settings, sources = resolve(args, manifest)
     for line in [*lines, *settings.describe(sources)]:
@@ -138,10 +139,11 @@ def run_generate(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO
 
 
 def run_chat(
-    args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     from peftkit.session import ChatTemplate, DecodingSession
 
+    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     model, tokenizer, manifest, lines = open_model(args, err)
     settings, sources = resolve(args, manifest)
     for line in [*lines, *settings.describe(sources)]:

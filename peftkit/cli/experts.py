@@ -60,8 +60,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.json:
             print(json.dumps(report.to_dict(), indent=2, default=str))
         else:
-            for line in report.lines():
-                console.print(line, highlight=False, markup=False)
+            print("\n".join(report.lines()))  # plain lines: no wrapping, easy to grep
         return 0 if report.ok else 1
     if args.command == "inspect":
         return _inspect(args, console)

@@ -221,16 +221,14 @@ def open_expert(path: str | Path, limits: Limits | None = None) -> ExpertArchive
 def extract_expert(path: str | Path, target: str | Path, limits: Limits | None = None) -> list[Path]:
     """Unpack a checked expert into ``target`` (absent or empty); nothing is written elsewhere.
 
-    Every check (names, sizes, checksums, the manifest) runs before the first byte is written.
+    Every check (names, sizes, checksums, the manifest, tensor shapes) runs before the first byte is written.
     """
-    from peftkit.experts.manifest import parse_manifest
+    from peftkit.experts.load import read_expert
 
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExpertPackageError(f"{target} must be an empty folder or not exist")
-    with open_expert(path, limits) as archive:
-        parse_manifest(archive.read_json(MANIFEST), f"{Path(path).name}:{MANIFEST}")
-        contents = {name: archive.read(name) for name in archive.members}
+    contents = read_expert(path, limits).members
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
     written = []

@@ -26,6 +26,47 @@ class LoadedExpert:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ExpertContents:
+    """A package's checked contents, in memory: the manifest and, per soft prompt / adapter, its
+    config and tensors."""
+
+    manifest: ExpertManifest
+    configs: dict[str, dict[str, Any]]
+    tensors: dict[str, dict[str, Any]]
+    members: dict[str, bytes]
+
+
+def read_expert(path: str | Path, limits: Any = None, *, shapes: bool = True) -> ExpertContents:
+    """Open, check and read a package: archive safety and checksums (:func:`open_expert`), the
+    manifest, every declared weights file present with its config, tensors parsed from memory and
+    their shapes checked against the manifest (tokens, hidden size, layers, ranks)."""
+    from peftkit.experts.package import check_shapes, parse_tensors
+
+    path = Path(path)
+    with open_expert(path, limits) as archive:
+        manifest = parse_manifest(archive.read_json(MANIFEST), f"{path.name}:{MANIFEST}")
+        members = {name: archive.read(name) for name in archive.members}
+        configs: dict[str, dict[str, Any]] = {}
+        for entry in [*manifest.soft_prompts, *manifest.adapters]:
+            if entry.weights is None or entry.weights not in archive.members:
+                raise ExpertPackageError(f"{path.name}: {entry.name}'s weights {entry.weights!r} are not in it")
+            config_name = entry.weights.rsplit("/", 1)[0] + "/adapter_config.json"
+            if config_name not in archive.members:
+                raise ExpertPackageError(f"{path.name}: no {config_name}")
+            configs[entry.name] = archive.read_json(config_name)
+    if manifest.base_model.fingerprint is None:
+        raise ExpertPackageError(f"{manifest.name}: the manifest has no base_model.fingerprint (package it first)")
+    tensors = {n: parse_tensors(members[e.weights], e.weights) for n, e in _entries(manifest).items()}
+    if shapes and (problems := check_shapes(manifest, tensors, manifest.base_model.fingerprint)):
+        raise ExpertPackageError("; ".join(problems))
+    return ExpertContents(manifest, configs, tensors, members)
+
+
+def _entries(manifest: ExpertManifest) -> dict[str, Any]:
+    return {e.name: e for e in [*manifest.soft_prompts, *manifest.adapters]}
+
+
 def check_fingerprint(manifest: ExpertManifest, actual: Fingerprint, base_name: str) -> None:
     declared = manifest.base_model.fingerprint
     if declared is None:
@@ -51,25 +92,15 @@ def load_expert(
         base_name: load this base model instead of the manifest's (its fingerprint must still match).
     """
     from peftkit.config import PeftConfig
-    from peftkit.experts.package import base_fingerprint, check_shapes, fingerprint_of_config, parse_tensors
+    from peftkit.experts.package import base_fingerprint, fingerprint_of_config
     from peftkit.experts.runtime import apply_attention_kernel
     from peftkit.models.loading import load_base
     from peftkit.models.peft_model import PeftModel
 
     path = Path(path)
-    with open_expert(path) as archive:
-        manifest = parse_manifest(archive.read_json(MANIFEST), f"{path.name}:{MANIFEST}")
-        entries = [*manifest.soft_prompts, *manifest.adapters]
-        raw: dict[str, tuple[Any, bytes]] = {}
-        for entry in entries:
-            if entry.weights is None or entry.weights not in archive.members:
-                raise ExpertPackageError(
-                    f"{path.name}: {entry.name}'s weights {entry.weights!r} are not in the package"
-                )
-            config_name = entry.weights.rsplit("/", 1)[0] + "/adapter_config.json"
-            if config_name not in archive.members:
-                raise ExpertPackageError(f"{path.name}: no {config_name}")
-            raw[entry.name] = (archive.read_json(config_name), archive.read(entry.weights))
+    contents = read_expert(path, shapes=False)  # the base fingerprint is checked first: its error is clearer
+    manifest = contents.manifest
+    entries = list(_entries(manifest).values())
     name = base_name or manifest.base_model.name
     if base is None:
         declared = manifest.base_model.fingerprint
@@ -79,16 +110,16 @@ def load_expert(
     else:
         model, tokenizer = base
         check_fingerprint(manifest, fingerprint_of_config(model.config), name)
-    tensors = {n: parse_tensors(data, f"{n} weights") for n, (_, data) in raw.items()}
-    fingerprint = manifest.base_model.fingerprint
-    assert fingerprint is not None
-    if problems := check_shapes(manifest, tensors, fingerprint):
+    tensors = contents.tensors
+    from peftkit.experts.package import check_shapes
+
+    if problems := check_shapes(manifest, tensors, fingerprint_of_config(model.config)):
         raise ExpertPackageError("; ".join(problems))
     kernel, warning = apply_attention_kernel(model, manifest.runtime.attention_kernel)
     peft_model = None
     for entry in entries:
         try:
-            config = PeftConfig.from_dict(raw[entry.name][0]).model_copy(update={"inference_mode": True})
+            config = PeftConfig.from_dict(contents.configs[entry.name]).model_copy(update={"inference_mode": True})
         except ValueError as exc:
             raise ExpertPackageError(f"{entry.name}: adapter_config.json is invalid ({exc})") from None
         if peft_model is None:
