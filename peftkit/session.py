@@ -37,6 +37,7 @@ class DecodingSession:
         self.next_position = 0
         self.mask: Tensor | None = None
         self.computed_tokens: list[int] = []  # per turn: positions run through the model
+        self.sampled_tokens: list[int] = []  # per turn: tokens sampled (an ending end-of-sequence included)
         self.stop_reason: str | None = None
         self.reply = ""
         self.reply_ids: list[int] = []
@@ -106,6 +107,7 @@ class DecodingSession:
         if self.persist_cache and self.cache is not None and not self.cached < len(self.history):
             raise ValueError("a turn must add at least one token")
         self.computed_tokens.append(0)
+        self.sampled_tokens.append(0)
         self._new_turn = True
         routes = self.model.routes(1, None, self.device)
         processors = settings.processors([self._mask_step] if self._grammar is not None else [])
@@ -125,6 +127,7 @@ class DecodingSession:
                 else:
                     token = int(scores.argmax())
                 self.history.append(token)
+                self.sampled_tokens[-1] += 1
                 if token in self.eos_ids:
                     self.stop_reason = "grammar" if matcher is not None and matcher.done else "eos"
                     break

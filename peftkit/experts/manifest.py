@@ -261,9 +261,11 @@ def read_manifest_data(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest file")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ManifestError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from None
 
