@@ -120,6 +120,8 @@ def field_statuses(manifest: ExpertManifest, report_values: dict[str, Any] | Non
             status, note = _targets_status(manifest, report_values)
         elif value is None and not path.endswith((".weights", "fingerprint")):
             note = "not set"
+        elif value == [] and path in ("soft_prompts", "adapters", "quality_targets"):
+            note = "none declared"
         elif (path.endswith(".weights") and value is None) or (path == "base_model.fingerprint" and value is None):
             note = "filled in by peftkit package"
         elif path.startswith("training") and manifest.training is None:

@@ -5,7 +5,10 @@
 Every case decodes with the expert's manifest settings (temperature, top_p, seed, max_new_tokens);
 the grammar is dropped for the first two. An output complies when the whole text (stripped) is
 JSON that validates against the manifest's schema; "exact" also needs the reference object.
-Writes a Markdown table to stdout and the per-example outputs to ``compliance.json`` beside the expert.
+Writes a Markdown table to stdout, the per-example outputs to ``compliance.json`` beside the expert,
+and an evaluation report (``report.json``: variants ``base`` and ``expert`` = soft prompt + grammar,
+as the manifest decodes) to ``<training.output_dir>/eval/``, where ``peftkit package`` picks it up so
+that ``validate`` checks the quality targets against it.
 """
 
 from __future__ import annotations
@@ -90,6 +93,29 @@ def main() -> None:
     table = ["| case | schema compliance | exact object | time |", "|---|---|---|---|", *rows]
     print("\n".join(table))
     (args.expert.parent / "compliance.json").write_text(json.dumps(details, indent=1) + "\n")
+    write_report(details, Path(expert.manifest.training.output_dir) / "eval" / "report.json", expert)
+
+
+def write_report(details: dict, path: Path, expert) -> None:
+    """The subset of peftkit's evaluation report that quality targets read (variants → values)."""
+
+    def values(rows: list[dict]) -> dict:
+        return {"schema_compliance": sum(r["compliant"] for r in rows) / len(rows),
+                "exact_match": sum(r["exact"] for r in rows) / len(rows)}  # fmt: skip
+
+    adapters = list(expert.model.active_adapters)
+    variants = {
+        "base": {"adapters": None, "examples": len(details["base model"]), "values": values(details["base model"])},
+        "expert": {"adapters": adapters, "examples": len(details["soft prompt + grammar"]),
+                   "values": values(details["soft prompt + grammar"])},
+    }  # fmt: skip
+    info = {
+        "soft prompt without grammar": values(details["soft prompt"]),
+        "data": "examples/experts/json/heldout.jsonl",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metrics": ["schema_compliance", "exact_match"], "variants": variants, "info": info},
+                               indent=2) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":
