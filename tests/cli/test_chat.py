@@ -82,3 +82,45 @@ def test_inspect_and_validate_commands(expert_file, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "runtime.attention_kernel = 'sdpa': applied" in out
     assert "valid, 1 warning(s)" in out
+
+
+def test_chat_in_a_terminal(expert_file):
+    """A real pseudo-terminal: the prompt, a streamed reply, /exit."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peftkit.cli.main", "chat", "--expert", str(expert_file), "--max-new-tokens", "4"],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        _converse(master, process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    assert b"Type a message" in process.stderr.read()
+
+
+def _converse(master: int, process: subprocess.Popen) -> None:
+    import select
+    import time
+
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 900) -> None:  # generous: the test machine is shared
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < end:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        assert marker in seen, seen
+
+    read_until(b"> ")
+    os.write(master, b"num 4\n")
+    seen = b""
+    read_until(b"> ")  # the reply, then the next prompt
+    os.write(master, b"/exit\n")
+    assert process.wait(timeout=300) == 0
