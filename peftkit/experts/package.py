@@ -220,7 +220,8 @@ def build_package(
 
 
 def _json(value: Any) -> bytes:
-    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+    # key order is kept: a JSON Schema's property order is the order grammar-constrained output follows
+    return (json.dumps(value, indent=2) + "\n").encode()
 
 
 def write_archive(members: dict[str, bytes], path: Path) -> Path:
