@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train adapters as a YAML config says (any registered method; runs under torchrun too)",
         description="Train the adapters a YAML run config describes. See docs/training.md for every field.",
     )
-    train.add_argument("config", type=Path, help="the run config (YAML)")
+    train.add_argument("config", type=Path, help="the run config (YAML), or an expert manifest")
     train.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. training.lr=3e-3"
     )
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.add_parser("list", help="embedded model aliases and whether they are cached")
     prepare = models_cmd.add_parser("prepare", help="convert an embedded model into the local cache now")
     prepare.add_argument("alias")
+
+    from peftkit.cli import experts
+
+    experts.add_parsers(commands)
     return parser
 
 
@@ -95,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args, console)
         elif args.command == "models":
             return _models(args, console)
+        else:
+            from peftkit.cli import experts
+
+            return experts.run(args, console)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
@@ -102,11 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
+    from peftkit.experts.train import looks_like_manifest, manifest_run_config
     from peftkit.training.overrides import dump_run_config, load_run_config
     from peftkit.training.run import run_training
     from peftkit.training.trainer import TrainingDivergedError
 
-    config = load_run_config(args.config, args.overrides)
+    loader = manifest_run_config if looks_like_manifest(args.config) else load_run_config
+    config = loader(args.config, args.overrides)
     if args.print_config:
         console.print(dump_run_config(config), highlight=False, markup=False, end="")
         return 0

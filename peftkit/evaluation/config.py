@@ -46,8 +46,8 @@ class PredictionConfig(Section):
     """Options of the parser, e.g. ``{labels: [positive, negative]}`` for ``label``."""
     max_new_tokens: int = Field(32, ge=1)
     """``generate``: the longest answer, in tokens."""
-    temperature: float = Field(0.0, ge=0)
-    """``generate``: 0 decodes greedily; above 0 samples."""
+    temperature: float = Field(0.0, ge=0, le=2)
+    """``generate``: 0 decodes greedily; above 0 samples (at most 2)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """``generate``: nucleus sampling (with ``temperature > 0``)."""
     top_k: int = Field(0, ge=0)
@@ -57,7 +57,7 @@ class PredictionConfig(Section):
     stop: list[str] = Field(default_factory=list)
     """``generate``: cut each generated text at the first of these strings."""
     grammar: Literal["json", "json_schema"] | None = None
-    """``generate``: constrain decoding to JSON (``json``) or to ``json_schema`` (needs ``xgrammar``)."""
+    """``generate``: constrain decoding to JSON (``json``) or to ``json_schema`` (llguidance)."""
     json_schema: dict[str, Any] | str | None = None
     """A JSON Schema (inline, or the path of a ``.json`` file): what ``schema_compliance`` checks and
     ``grammar: json_schema`` enforces."""
@@ -115,7 +115,7 @@ class PredictionConfig(Section):
         return load_schema(self.json_schema) if self.json_schema is not None else None
 
     def build_predictor(self) -> Predictor:
-        from peftkit.evaluation.generation import DecodingSettings
+        from peftkit.decoding import DecodingSettings
         from peftkit.evaluation.parsers import build_parser
         from peftkit.evaluation.predictors import ChoicePredictor, GenerationPredictor
 

@@ -4,52 +4,26 @@ Rows are grouped by prompt length (little padding) and decoded greedily by defau
 the end-of-sequence token or after ``max_new_tokens``; the text is then cut at the first ``stop``
 string (generation itself does not look for stop strings, so a stop string saves no compute).
 
-With ``grammar`` (needs the optional ``xgrammar`` package) every row is constrained to valid JSON,
-or to compact JSON that follows a schema: a fresh ``xgrammar`` logits processor per batch holds one
-grammar matcher per row. A row cut by ``max_new_tokens`` can still end mid-object.
+The settings are the one :class:`~peftkit.decoding.DecodingSettings` type. With a grammar in them
+(or the ``grammar`` shorthand ``json`` / ``json_schema``) every row is constrained to compact JSON
+(that follows the schema): a fresh llguidance logits processor per batch holds one grammar matcher per
+row (:mod:`peftkit.grammar`). A row cut by ``max_new_tokens`` can still end mid-object.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from peftkit.data.batching import Encoded, collate
+from peftkit.decoding import DecodingSettings, Grammar
 from peftkit.evaluation.scoring import length_batches, on_model_device, pad_id, progress_bar
 
 GRAMMARS = ("json", "json_schema")
-
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    """How evaluation generates (greedy unless ``temperature > 0``).
-
-    Attributes:
-        max_new_tokens: the longest answer in tokens.
-        temperature: 0 = greedy; above 0 samples.
-        top_p / top_k: nucleus and top-k sampling (``temperature > 0`` only).
-        seed: seeds sampling (each batch uses ``seed + batch index``), for reproducible samples.
-        stop: cut the generated text at the first of these strings.
-    """
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop cannot contain an empty string")
+ANY_JSON = {"type": ["object", "array"]}
+"""``grammar: json``: any JSON object or array."""
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -77,22 +51,20 @@ def generate_texts(
     """
     pad = pad_id(tokenizer)
     texts = [""] * len(prompts)
-    sampling: dict[str, Any] = {"do_sample": False}
-    if settings.temperature > 0:
-        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
-        sampling["top_k"] = settings.top_k
+    if settings.grammar is not None and processors is None:
+        processors = grammar_processors(tokenizer, model.get_output_embeddings().weight.shape[0], settings.grammar)
+    plain = settings.model_copy(update={"grammar": None})  # the grammar travels as a processor
     with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(prompts))
         for number, rows in enumerate(length_batches([len(p) for p in prompts], batch_size)):
             batch = on_model_device(model, collate([prompts[i] for i in rows], pad, padding_side="left"))
+            seed = None if settings.seed is None else settings.seed + number
             out = model.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                max_new_tokens=settings.max_new_tokens,
                 pad_token_id=pad,
                 logits_processor=processors() if processors else None,
-                seed=settings.seed + number,
-                **sampling,
+                decoding=plain.model_copy(update={"seed": seed}),
             )
             new = out[:, batch["input_ids"].shape[1] :]
             for row, tokens in zip(rows, new, strict=True):
@@ -101,25 +73,30 @@ def generate_texts(
     return texts
 
 
-def grammar_processors(tokenizer: Any, vocab_size: int, grammar: str, schema: Any = None) -> Callable[[], list[Any]]:
-    """A factory of ``xgrammar`` logits processors constraining every row to JSON (or to ``schema``).
-
-    Raises:
-        ValueError: ``xgrammar`` is not installed, or ``json_schema`` without a schema.
-    """
+def as_grammar(grammar: str | Grammar | None, schema: Any = None) -> Grammar | None:
+    """The :class:`Grammar` for evaluation's ``grammar`` shorthand (``json`` or ``json_schema``)."""
+    if grammar is None or isinstance(grammar, Grammar):
+        return grammar
     if grammar not in GRAMMARS:
         raise ValueError(f"grammar must be one of {', '.join(GRAMMARS)}, got {grammar!r}")
-    try:
-        import xgrammar as xgr
-        import xgrammar.contrib.hf
-    except ImportError:
-        raise ValueError("grammar-constrained generation needs the xgrammar package: pip install xgrammar") from None
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-    compiler = xgr.GrammarCompiler(info)
     if grammar == "json_schema":
         if schema is None:
             raise ValueError("grammar: json_schema needs prediction.schema")
-        compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)  # compact JSON
-    else:
-        compiled = compiler.compile_builtin_json_grammar()
-    return lambda: [xgrammar.contrib.hf.LogitsProcessor(compiled)]
+        return Grammar(json_schema=schema)
+    return Grammar(json_schema=ANY_JSON)
+
+
+def grammar_processors(
+    tokenizer: Any, vocab_size: int, grammar: str | Grammar, schema: Any = None
+) -> Callable[[], list[Any]]:
+    """A factory of llguidance logits processors constraining every row to ``grammar``.
+
+    Raises:
+        ValueError: an unknown shorthand, ``json_schema`` without a schema, or a grammar that does not compile.
+    """
+    from peftkit.grammar import GrammarLogitsProcessor, compile_grammar
+
+    spec = as_grammar(grammar, schema)
+    assert spec is not None
+    compiled = compile_grammar(spec, tokenizer, vocab_size)
+    return lambda: [GrammarLogitsProcessor(compiled)]

@@ -124,7 +124,7 @@ class GenerationPredictor:
     Args:
         parser: reads the answer from the generated text and the expected answer from a reference.
         settings: decoding settings (greedy by default).
-        grammar: ``json`` or ``json_schema`` to constrain decoding with ``xgrammar`` (optional).
+        grammar: ``json`` or ``json_schema`` to constrain decoding (llguidance); or give ``settings.grammar``.
         schema: the JSON Schema for ``json_schema``.
     """
 
@@ -136,7 +136,7 @@ class GenerationPredictor:
         grammar: str | None = None,
         schema: Any = None,
     ) -> None:
-        self.parser, self.settings = parser, settings or DecodingSettings()
+        self.parser, self.settings = parser, settings or DecodingSettings(max_new_tokens=32)
         self.labels = parser.labels
         self.mode = "generate"
         self.grammar, self.schema = grammar, schema

@@ -11,20 +11,12 @@ Each row may use its own adapter (``adapter_names``); rows finish independently 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
+from peftkit.decoding import DecodingSettings
 from peftkit.models.cache import growing_prefix_cache
 
 if TYPE_CHECKING:
@@ -41,50 +33,6 @@ _FIXED_ARGUMENTS = {
     "output_scores": False,
     "output_logits": False,
 }
-
-
-@dataclass
-class SamplingSettings:
-    """Decoding settings, validated with the messages an OpenAI-compatible server uses."""
-
-    max_new_tokens: int = 20
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.temperature == 0:  # temperature 0 means greedy, as in OpenAI-style APIs
-            self.do_sample = False
-
-    def processors(self) -> LogitsProcessorList:
-        steps = LogitsProcessorList()
-        if self.repetition_penalty != 1.0:
-            steps.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.do_sample:
-            if self.temperature != 1.0:
-                steps.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k > 0:
-                steps.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                steps.append(TopPLogitsWarper(self.top_p))
-            if self.min_p > 0:
-                steps.append(MinPLogitsWarper(self.min_p))
-        return steps
 
 
 def generate(
@@ -108,6 +56,8 @@ def generate(
     adapter_names: Sequence[str] | None = None,
     experts: Any = None,
     generation_config: Any = None,
+    decoding: DecodingSettings | None = None,
+    tokenizer: Any = None,
     **hf_arguments: Any,
 ) -> Tensor:
     """Generate continuations; returns ``(B, L + new)`` = the input ids followed by new tokens.
@@ -121,6 +71,9 @@ def generate(
         generator / seed: the random source for sampling, for reproducible samples.
         adapter_names: one adapter name per row (``"__base__"`` = bare model) for mixed batches.
         experts: per-row expert routes, as for ``PeftModel.forward`` (or a hierarchy's resolution).
+        decoding: the settings as one :class:`~peftkit.decoding.DecodingSettings` (then the sampling
+            keywords must not be given). Its ``grammar`` needs ``tokenizer``; its ``stop`` strings are
+            not looked for here (the streaming decoder and evaluation cut the text at them).
     """
     for key, value in hf_arguments.items():
         if key not in _FIXED_ARGUMENTS:
@@ -137,25 +90,42 @@ def generate(
         default = getattr(defaults, name, None)
         return fallback if default is None else default
 
-    if max_new_tokens is None and max_length is not None:
-        max_new_tokens = max_length - input_ids.shape[1]
-    settings = SamplingSettings(
-        max_new_tokens=pick(max_new_tokens, "max_new_tokens", 20),
-        do_sample=pick(do_sample, "do_sample", False),
-        temperature=pick(temperature, "temperature", 1.0),
-        top_k=pick(top_k, "top_k", 0),
-        top_p=pick(top_p, "top_p", 1.0),
-        min_p=pick(min_p, "min_p", 0.0),
-        repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
-    )
+    if decoding is not None:
+        given = {k: v for k, v in {"max_new_tokens": max_new_tokens, "max_length": max_length, "do_sample": do_sample,
+                 "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                 "repetition_penalty": repetition_penalty, "seed": seed}.items() if v is not None}  # fmt: skip
+        if given:
+            raise TypeError(f"generate(): pass decoding= or the sampling keywords, not both (got {sorted(given)})")
+        settings = decoding
+        seed = decoding.seed
+    else:
+        if max_new_tokens is None and max_length is not None:
+            max_new_tokens = max_length - input_ids.shape[1]
+        settings = DecodingSettings.checked(
+            max_new_tokens=pick(max_new_tokens, "max_new_tokens", 20),
+            temperature=pick(temperature, "temperature", 1.0),
+            top_k=pick(top_k, "top_k", 0),
+            top_p=pick(top_p, "top_p", 1.0),
+            min_p=pick(min_p, "min_p", 0.0),
+            repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
+        )
+        if not pick(do_sample, "do_sample", False):
+            settings = settings.model_copy(update={"temperature": 0.0})  # greedy
     eos = pick(eos_token_id, "eos_token_id", None)
     eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long)
     pad = pick(pad_token_id, "pad_token_id", None)
     pad = pad if pad is not None else (int(eos_ids[0]) if eos_ids.numel() else 0)
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    processors = settings.processors()
-    processors.extend(logits_processor or [])
+    constraints = list(logits_processor or [])
+    if settings.grammar is not None:
+        if tokenizer is None:
+            raise ValueError("generate(): a grammar needs tokenizer=")
+        from peftkit.grammar import GrammarLogitsProcessor, compile_grammar
+
+        vocab = model.base_model.config.vocab_size
+        constraints.insert(0, GrammarLogitsProcessor(compile_grammar(settings.grammar, tokenizer, vocab)))
+    processors = settings.processors(constraints)
 
     batch, device = input_ids.shape[0], input_ids.device
     routes = model.routes(batch, adapter_names, device, experts)

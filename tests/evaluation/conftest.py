@@ -35,16 +35,18 @@ def records(folder: Path, n: int = 12) -> list[dict]:
 
 def write_char_folder(folder: Path) -> Path:
     """A tiny Llama with a character-level tokenizer that can spell JSON (for grammar tests)."""
-    from tokenizers import Tokenizer, decoders
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
     from tests.conftest import tiny_model
 
     chars = list('{}[]":,.-0123456789abcdefghijklmnopqrstuvwxyz ')
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(chars)}}
+    # byte-level spelling (a space is "Ġ"), so grammar engines (llguidance) can read the vocabulary
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c.replace(" ", "Ġ"): 3 + i for i, c in enumerate(chars)}}
     core = Tokenizer(BPE(vocab, [], unk_token="<pad>"))
-    core.decoder = decoders.Fuse()  # characters join without spaces
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
     folder.mkdir(parents=True, exist_ok=True)
     tiny_model("llama").save_pretrained(folder)

@@ -9,7 +9,7 @@ from peftkit.evaluation import DecodingSettings, EvalExample, Evaluation, Genera
 from peftkit.evaluation.parsers import build_parser
 from tests.evaluation.conftest import write_char_folder
 
-pytest.importorskip("xgrammar")
+pytest.importorskip("llguidance")
 
 SCHEMA = {
     "type": "object",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peftkit import get_peft_model
-from peftkit.models.generation import SamplingSettings
+from peftkit.decoding import DecodingSettings
 from tests.models.test_peft_model import CONFIGS
 
 
@@ -83,7 +83,7 @@ def test_sampling_matches_sampling_from_full_forwards(model, method, batch):
     """Same seed, same processors, distributions from no-cache forwards: the same tokens."""
     torch.manual_seed(0)
     peft_model = get_peft_model(model, CONFIGS[method]())
-    settings = SamplingSettings(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    settings = DecodingSettings(max_new_tokens=5, temperature=0.7, top_k=20, top_p=0.9)
     generated = peft_model.generate(
         **batch, max_new_tokens=5, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=123, eos_token_id=[]
     )
@@ -133,10 +133,11 @@ def test_logits_processor_hook(llama, batch):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -1.0}, "temperature must be non-negative"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ({"top_k": -1}, "top_k must be 0 \\(disable\\), or at least 1"),
-        ({"max_new_tokens": 0}, "max_tokens must be at least 1"),
+        ({"temperature": -1.0}, "temperature=-1.0: Input should be greater than or equal to 0"),
+        ({"temperature": 2.5}, "temperature=2.5: Input should be less than or equal to 2"),
+        ({"top_p": 0.0}, "top_p=0.0: Input should be greater than 0"),
+        ({"top_k": -1}, "top_k=-1: Input should be greater than or equal to 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0: Input should be greater than or equal to 1"),
     ],
 )
 def test_invalid_settings_are_rejected(llama, kwargs, message):
