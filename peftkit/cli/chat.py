@@ -110,13 +110,10 @@ def open_model(args: argparse.Namespace, err: TextIO) -> tuple[Any, Any, Any, li
 
 
 def _bare(model: Any) -> Any:
-    """A PeftModel around ``model`` with every adapter disabled (decoding needs its input preparation)."""
-    from peftkit.methods.prompt_tuning.config import PromptTuningConfig
+    """A PeftModel without adapters around ``model`` (decoding needs its input preparation)."""
     from peftkit.models.peft_model import PeftModel
 
-    peft_model = PeftModel(model, PromptTuningConfig(num_virtual_tokens=1), "unused")
-    peft_model._adapters_disabled = True
-    return peft_model
+    return PeftModel(model, None)
 
 
 def run_generate(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
