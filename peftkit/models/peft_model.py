@@ -364,12 +364,21 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
         On a model that is not a causal LM (a classifier, an encoder, a plain ``nn.Module``) the
         arguments go to the model unchanged, with the weight adapters acting inside its layers;
         ``adapter_names=[...]`` (one per row of the first tensor argument) still mixes adapters per row.
+        A ``loss`` the model returns gets the adapters' regularisation terms (AdaLoRA), as in PEFT.
         """
         if self.is_causal_lm:
             return self.lm_forward(*args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         with self._routed(adapter_names, args, kwargs):
-            return self.get_base_model()(*args, **kwargs)
+            out = self.get_base_model()(*args, **kwargs)
+        if isinstance(getattr(out, "loss", None), Tensor):
+            routes = (
+                None if adapter_names is None else {n: torch.zeros(1) for n in set(adapter_names) if n in self.adapters}
+            )
+            extra = self.regularization_loss(routes)
+            if extra is not None:
+                out.loss = out.loss + extra
+        return out
 
     @contextlib.contextmanager
     def _routed(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:

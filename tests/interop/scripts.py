@@ -382,3 +382,13 @@ def no_matching_module(lib: Any) -> dict[str, Any]:
     except lib.NoMatchingPeftModuleError as error:
         return {"error": type(error).__name__, "value_error": isinstance(error, ValueError)}
     return {"error": None}
+
+
+def adalora_seq_cls_loss(lib: Any) -> dict[str, Any]:
+    """AdaLoRA's orthogonal penalty joins the loss of a non-LM task model too."""
+    config = lib.AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
+    model = lib.get_peft_model(llama_seq_cls(), config)
+    fill_adapter(lib, model)
+    model.train()
+    out = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 2]))
+    return {"loss": out.loss, "logits": out.logits}

@@ -39,6 +39,7 @@ SCRIPTS = [
     scripts.token_cls,
     scripts.question_answering,
     scripts.feature_extraction,
+    scripts.adalora_seq_cls_loss,
     scripts.plain_mlp,
     scripts.inject_into_mlp,
     scripts.task_from_pretrained,
