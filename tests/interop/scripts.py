@@ -392,3 +392,14 @@ def adalora_seq_cls_loss(lib: Any) -> dict[str, Any]:
     model.train()
     out = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 2]))
     return {"loss": out.loss, "logits": out.logits}
+
+
+def status_of_soft_prompt(lib: Any) -> dict[str, Any]:
+    model = lib.get_peft_model(tiny_model("llama"), lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    errors = {}
+    for name in ("get_model_status", "get_layer_status"):
+        try:
+            getattr(model, name)()
+        except Exception as error:  # the error class is what is compared
+            errors[name] = type(error).__name__
+    return errors

@@ -25,6 +25,7 @@ SCRIPTS = [
     # PeftModel API
     scripts.base_model_layout,
     scripts.status,
+    scripts.status_of_soft_prompt,
     scripts.requires_grad,
     scripts.targeted_modules,
     scripts.gradient_checkpointing,
