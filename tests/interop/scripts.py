@@ -403,3 +403,22 @@ def status_of_soft_prompt(lib: Any) -> dict[str, Any]:
         except Exception as error:  # the error class is what is compared
             errors[name] = type(error).__name__
     return errors
+
+
+def tuner_model_directly(lib: Any) -> dict[str, Any]:
+    """PEFT's low-level route: ``LoraModel(model, config, name)`` places the adapter in ``model``."""
+    model = tiny_model("llama")
+    config = lib.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], init_lora_weights=False)
+    tuner = lib.LoraModel(model, config, "default")
+    names = sorted(n for n, _ in tuner.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        for name, param in tuner.named_parameters():
+            if "lora_" in name:
+                generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return {
+        "wraps": tuner.model is model,
+        "names": names,
+        "targeted": tuner.targeted_module_names,
+        "logits": tuner(input_ids=IDS, attention_mask=MASK).logits,
+    }

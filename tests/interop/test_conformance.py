@@ -43,6 +43,7 @@ SCRIPTS = [
     scripts.adalora_seq_cls_loss,
     scripts.plain_mlp,
     scripts.inject_into_mlp,
+    scripts.tuner_model_directly,
     scripts.task_from_pretrained,
     scripts.auto_model,
     # configs and helpers
