@@ -37,8 +37,8 @@ def get_peft_model_state_dict(
     ``state_dict`` (a full ``model.state_dict()``) is not needed: the adapter knows its tensors; it is
     accepted for PEFT compatibility only when ``None``.
     """
-    if state_dict is not None:
-        raise NotImplementedError("state_dict= is not supported: the adapter's own tensors are returned")
+    if state_dict is not None or save_embedding_layers is True or unwrap_compiled:
+        raise NotImplementedError("state_dict=, save_embedding_layers=True and unwrap_compiled=True are not supported")
     model._check_names([adapter_name])
     return model.adapters[adapter_name].adapter_state_dict()
 

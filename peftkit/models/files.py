@@ -75,10 +75,12 @@ class PeftFiles:
     ) -> None:
         """Write each adapter as PEFT does: ``default`` at the top, others in a subfolder, plus ``README.md``.
 
-        ``save_embedding_layers`` is accepted for PEFT compatibility (targeted embedding layers' weights
-        are written as the adapter defines them); ``path_initial_model_for_weight_conversion`` (PiSSA /
-        OLoRA conversion) and hub options in ``kwargs`` are refused.
+        ``save_embedding_layers``: ``"auto"`` / ``False`` write the adapter's own tensors (the base
+        embedding weights are not copied into the file); ``True`` is refused, as are
+        ``path_initial_model_for_weight_conversion`` (PiSSA / OLoRA conversion) and hub options.
         """
+        if save_embedding_layers is True:
+            raise NotImplementedError("save_embedding_layers=True is not supported: base weights are not saved")
         if path_initial_model_for_weight_conversion is not None or kwargs:
             raise NotImplementedError(
                 "path_initial_model_for_weight_conversion and hub options are not supported by save_pretrained"
@@ -125,6 +127,9 @@ class PeftFiles:
         Args:
             is_trainable: keep the adapter trainable (to resume training); otherwise it is frozen.
         """
+        from peftkit.models.peft_model import check_loading_options
+
+        check_loading_options(low_cpu_mem_usage, autocast_adapter_dtype)
         if ephemeral_gpu_offload or key_mapping:
             raise NotImplementedError("ephemeral_gpu_offload and key_mapping are not supported by peftkit")
         folder = Path(model_id) / subfolder if subfolder else Path(model_id)
@@ -157,6 +162,9 @@ class PeftFiles:
 
         Unlike PEFT (which returns the load result), this returns the adapter object.
         """
+        from peftkit.models.peft_model import check_loading_options
+
+        check_loading_options(low_cpu_mem_usage, autocast_adapter_dtype)
         if torch_device is not None or ephemeral_gpu_offload or key_mapping:
             raise NotImplementedError("torch_device, ephemeral_gpu_offload, key_mapping: not supported by peftkit")
         config = PeftConfig.from_pretrained(model_id)

@@ -42,6 +42,16 @@ from peftkit.models.tuner_model import PEFT_TYPE_TO_TUNER_MAPPING, AdapterHost, 
 __all__ = ["BASE_ADAPTER_NAME", "PeftModel", "get_peft_model", "is_checkpointing", "user_logits"]
 
 NO_LOW_CPU_MEM = "low_cpu_mem_usage=True is not supported: adapters are created on the model's device"
+NO_AUTOCAST_OFF = "autocast_adapter_dtype=False is not supported: adapters of fp16/bf16 layers are kept in fp32"
+
+
+def check_loading_options(low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+    """Refuse PEFT loading options peftkit does not implement (never ignore them)."""
+    if low_cpu_mem_usage:
+        raise NotImplementedError(NO_LOW_CPU_MEM)
+    if not autocast_adapter_dtype:
+        raise NotImplementedError(NO_AUTOCAST_OFF)
+
 
 BASE_ADAPTER_NAME = "__base__"
 """Name that routes a row of a mixed batch to the bare base model (as in PEFT)."""
@@ -63,8 +73,8 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
         peft_config: the first adapter's config; ``None`` wraps the base model with no adapter yet
             (it then computes exactly what the base model computes, e.g. to evaluate it alone).
         adapter_name: the first adapter's name.
-        autocast_adapter_dtype: accepted for PEFT compatibility (adapters of fp16/bf16 layers are
-            always kept in fp32, PEFT's default).
+        autocast_adapter_dtype: only ``True`` (PEFT's default) is supported: adapters of fp16/bf16
+            layers are kept in fp32.
         low_cpu_mem_usage: accepted for PEFT compatibility; only ``False`` is supported.
         **context: passed to the method's ``create`` (e.g. ``tokenizer=`` for text init).
     """
@@ -82,8 +92,7 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
         **context: Any,
     ) -> None:
         super().__init__()
-        if low_cpu_mem_usage:
-            raise NotImplementedError(NO_LOW_CPU_MEM)
+        check_loading_options(low_cpu_mem_usage, autocast_adapter_dtype)
         if isinstance(model, TunerModel):  # built by a tuner class (LoraModel(model, config)): it is ours
             object.__setattr__(model, "_peft_model", self)
             self.base_model = model
@@ -163,8 +172,7 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
         ``peft_model.peft_config[adapter_name]`` is the config object given (as in PEFT), updated in
         place with the values resolved from the model (e.g. default ``target_modules``).
         """
-        if low_cpu_mem_usage:
-            raise NotImplementedError(NO_LOW_CPU_MEM)
+        check_loading_options(low_cpu_mem_usage, autocast_adapter_dtype)
         if not adapter_name or not adapter_name.replace("-", "_").isidentifier():
             raise ValueError(f"adapter name {adapter_name!r} must be a non-empty identifier (letters, digits, _ -)")
         if adapter_name == BASE_ADAPTER_NAME:
@@ -388,12 +396,21 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
         On a model that is not a causal LM (a classifier, an encoder, a plain ``nn.Module``) the
         arguments go to the model unchanged, with the weight adapters acting inside its layers;
         ``adapter_names=[...]`` (one per row of the first tensor argument) still mixes adapters per row.
+        A ``loss`` the model returns gets the adapters' regularisation terms (AdaLoRA), as in PEFT.
         """
         if self.is_causal_lm:
             return self.lm_forward(*args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         with self._routed(adapter_names, args, kwargs):
-            return self.get_base_model()(*args, **kwargs)
+            out = self.get_base_model()(*args, **kwargs)
+        if isinstance(getattr(out, "loss", None), Tensor):
+            routes = (
+                None if adapter_names is None else {n: torch.zeros(1) for n in set(adapter_names) if n in self.adapters}
+            )
+            extra = self.regularization_loss(routes)
+            if extra is not None:
+                out.loss = out.loss + extra
+        return out
 
     @contextlib.contextmanager
     def _routed(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
@@ -537,8 +554,7 @@ def get_peft_model(
             "mixed=True (PeftMixedModel) is not needed in peftkit: a PeftModel holds adapters of different "
             "methods at once; call get_peft_model(model, config) and add_adapter(name, other_config)"
         )
-    if low_cpu_mem_usage:
-        raise NotImplementedError(NO_LOW_CPU_MEM)
+    check_loading_options(low_cpu_mem_usage, autocast_adapter_dtype)
     # PEFT's rule: the model's own name (a model built from a config has none)
     name = getattr(model, "__dict__", {}).get("name_or_path", None) or None
     if peft_config.base_model_name_or_path != name:

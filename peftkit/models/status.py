@@ -71,7 +71,13 @@ def _adapter_parameters(layer: AdaptedLayer) -> dict[str, list[nn.Parameter]]:
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The status of each adapted layer of ``model`` (a PeftModel, or a model with injected adapters)."""
     from peftkit.models.peft_model import PeftModel
+    from peftkit.models.tuner_model import TunerModel
 
+    if isinstance(model, PeftModel) and not isinstance(model.base_model, TunerModel):
+        raise TypeError(
+            "get_layer_status() got an invalid PeftModel instance; its first adapter is a soft prompt "
+            "(soft prompts have no adapter layers)"
+        )
     root = model.base_model if isinstance(model, PeftModel) else model
     statuses: list[TunerLayerStatus] = []
     for name, layer in root.named_modules():
@@ -106,6 +112,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     from peftkit.models.peft_model import PeftModel
 
     if isinstance(model, PeftModel):
+        get_layer_status(model)  # a PeftModel led by a soft prompt is refused, as in PEFT
         base_type = type(model.get_base_model()).__name__
         trainable, total = model.get_nb_trainable_parameters()
         peft_types = {name: str(config.peft_type) for name, config in model.peft_config.items()}

@@ -382,3 +382,43 @@ def no_matching_module(lib: Any) -> dict[str, Any]:
     except lib.NoMatchingPeftModuleError as error:
         return {"error": type(error).__name__, "value_error": isinstance(error, ValueError)}
     return {"error": None}
+
+
+def adalora_seq_cls_loss(lib: Any) -> dict[str, Any]:
+    """AdaLoRA's orthogonal penalty joins the loss of a non-LM task model too."""
+    config = lib.AdaLoraConfig(task_type="SEQ_CLS", init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
+    model = lib.get_peft_model(llama_seq_cls(), config)
+    fill_adapter(lib, model)
+    model.train()
+    out = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 2]))
+    return {"loss": out.loss, "logits": out.logits}
+
+
+def status_of_soft_prompt(lib: Any) -> dict[str, Any]:
+    model = lib.get_peft_model(tiny_model("llama"), lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    errors = {}
+    for name in ("get_model_status", "get_layer_status"):
+        try:
+            getattr(model, name)()
+        except Exception as error:  # the error class is what is compared
+            errors[name] = type(error).__name__
+    return errors
+
+
+def tuner_model_directly(lib: Any) -> dict[str, Any]:
+    """PEFT's low-level route: ``LoraModel(model, config, name)`` places the adapter in ``model``."""
+    model = tiny_model("llama")
+    config = lib.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], init_lora_weights=False)
+    tuner = lib.LoraModel(model, config, "default")
+    names = sorted(n for n, _ in tuner.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        for name, param in tuner.named_parameters():
+            if "lora_" in name:
+                generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return {
+        "wraps": tuner.model is model,
+        "names": names,
+        "targeted": tuner.targeted_module_names,
+        "logits": tuner(input_ids=IDS, attention_mask=MASK).logits,
+    }

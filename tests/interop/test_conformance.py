@@ -25,6 +25,7 @@ SCRIPTS = [
     # PeftModel API
     scripts.base_model_layout,
     scripts.status,
+    scripts.status_of_soft_prompt,
     scripts.requires_grad,
     scripts.targeted_modules,
     scripts.gradient_checkpointing,
@@ -39,8 +40,10 @@ SCRIPTS = [
     scripts.token_cls,
     scripts.question_answering,
     scripts.feature_extraction,
+    scripts.adalora_seq_cls_loss,
     scripts.plain_mlp,
     scripts.inject_into_mlp,
+    scripts.tuner_model_directly,
     scripts.task_from_pretrained,
     scripts.auto_model,
     # configs and helpers

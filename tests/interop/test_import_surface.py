@@ -184,3 +184,13 @@ def test_pickle_refused_with_reason(tmp_path):
 
     with pytest.raises(ValueError, match="safe_serialization=False would write a pickle"):
         lora_llama(peftkit).save_pretrained(tmp_path, safe_serialization=False)
+
+
+@pytest.mark.parametrize(
+    "options", [{"low_cpu_mem_usage": True}, {"autocast_adapter_dtype": False}, {"mixed": True}], ids=str
+)
+def test_unsupported_peft_options_are_refused_not_ignored(options):
+    from tests.conftest import tiny_model
+
+    with pytest.raises(NotImplementedError):
+        peftkit.get_peft_model(tiny_model("llama"), peftkit.LoraConfig(target_modules=["q_proj"]), **options)
