@@ -97,9 +97,17 @@ class _RouteFrozenLinear(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def frozen_linear_on_onednn() -> Iterator[None]:
-    """Route frozen fp32 CPU linear layers through oneDNN inside this block (a no-op where unavailable)."""
-    if not onednn_linear_available():
+def frozen_linear_on_onednn(hidden: Tensor | None = None) -> Iterator[None]:
+    """Route frozen fp32 CPU linear layers through oneDNN inside this block (a no-op where unavailable).
+
+    ``hidden``: the ``(B, S, D)`` input of the call, if known; when it is not fp32 on CPU or has
+    fewer than :data:`MIN_ROWS` positions (a decoding step), nothing would be routed and the block
+    does not even intercept calls (intercepting costs a few microseconds per torch call).
+    """
+    small = hidden is not None and (
+        hidden.dtype != torch.float32 or hidden.device.type != "cpu" or hidden.numel() < MIN_ROWS * hidden.shape[-1]
+    )
+    if small or not onednn_linear_available():
         yield
         return
     with _RouteFrozenLinear():

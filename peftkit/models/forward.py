@@ -62,7 +62,7 @@ def run_base_model(
         keep: int | Tensor = inputs.user_positions[:, -logits_to_keep:] if logits_to_keep else inputs.user_positions
     else:
         keep = predicting if labelled or not return_logits else 0
-    with guard, frozen_linear_on_onednn():
+    with guard, frozen_linear_on_onednn(inputs.inputs_embeds):
         out = base_model(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.full_attention_mask(),

@@ -60,3 +60,13 @@ def test_a_soft_prompt_trains_to_the_same_gradient(monkeypatch):
         assert bool(calls) == enabled  # forward and backward of every projection went through oneDNN
         calls.clear()
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_decoding_step_or_a_bf16_call_is_not_intercepted():
+    x = torch.randn(MIN_ROWS, 8, requires_grad=True)
+    weight = torch.randn(4, 8)
+    for hidden in (torch.zeros(1, 1, 8), torch.zeros(2, MIN_ROWS, 8, dtype=torch.bfloat16)):
+        with frozen_linear_on_onednn(hidden):
+            assert "FrozenLinear" not in routed_name(F.linear(x, weight))
+    with frozen_linear_on_onednn(torch.zeros(1, MIN_ROWS, 8)):
+        assert "FrozenLinear" in routed_name(F.linear(x, weight))
