@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.add_parser("list", help="embedded model aliases and whether they are cached")
     prepare = models_cmd.add_parser("prepare", help="convert an embedded model into the local cache now")
     prepare.add_argument("alias")
+
+    from peftkit.bench.cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -91,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args, console)
         elif args.command == "models":
             return _models(args, console)
+        elif args.command == "bench":
+            from peftkit.bench.cli import run_bench
+
+            return run_bench(args, console)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
