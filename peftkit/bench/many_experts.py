@@ -158,8 +158,8 @@ def run_many_experts(settings: ManyExpertsSettings, console: Console | None = No
         "useful_gflop": flops / 1e9,
         "matmul_peak_gflops": peak,
         "load_average": load_average(),
-        "peftkit": side(ours_seconds, work, flops, peak) | {"cpu_seconds": ours_cpu},
-        "peft": side(theirs_seconds, work, flops, peak) | {"cpu_seconds": theirs_cpu},
+        "peftkit": side(ours_seconds, ours_cpu, work, flops, peak),
+        "peft": side(theirs_seconds, theirs_cpu, work, flops, peak),
         "first_persona_prompt_max_abs_difference": float(
             (ours.adapters["default"].table[0].detach() - first_prompt).abs().max()
         ),
@@ -210,13 +210,15 @@ def peft_one_at_a_time(peft: Any, base, experts: ExpertData, steps: dict[str, in
     return time.perf_counter() - begin, first
 
 
-def side(seconds: float, work: dict[str, int], flops: float, peak: float) -> dict[str, float]:
+def side(seconds: float, cpu_seconds: float, work: dict[str, int], flops: float, peak: float) -> dict[str, float]:
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "examples_per_second": work["rows"] / seconds,
         "tokens_per_second": work["tokens"] / seconds,
         "gflops": flops / seconds / 1e9,
         "fraction_of_peak": flops / seconds / 1e9 / peak,
+        "fraction_of_peak_per_cpu_second": flops / max(cpu_seconds, 1e-9) / 1e9 / (peak / torch.get_num_threads()),
     }
 
 
@@ -232,7 +234,8 @@ def print_result(result: dict[str, Any], console: Console) -> None:
         console.print(
             f"  {name:8s} {r['seconds']:8.1f} s  {r['examples_per_second']:6.2f} examples/s  "
             f"{r['tokens_per_second']:7.1f} tok/s  {r['gflops']:6.1f} GFLOP/s = {r['fraction_of_peak']:.1%} of "
-            f"{result['matmul_peak_gflops']:.0f} GFLOP/s peak"
+            f"{result['matmul_peak_gflops']:.0f} GFLOP/s peak; {r['cpu_seconds']:.1f} CPU s = "
+            f"{r['fraction_of_peak_per_cpu_second']:.1%} of one thread's share of the peak per CPU second"
         )
     console.print(
         f"peftkit / PEFT: [bold]{result['speedup']:.2f}×[/] wall time, {result['cpu_time_ratio']:.2f}× CPU time "
