@@ -70,6 +70,15 @@ class PersonaBenchSettings:
     output: Path = Path("runs/bench-personas")
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        counts = ("personas", "clusters", "train_per_persona", "test_per_persona", "tokens", "lora_rank")
+        counts += ("unified_epochs", "epochs", "persona_batch_size", "group_batch_size", "micro_batch_size")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lora_personas is not None and not 1 <= self.lora_personas <= self.personas:
+            raise ValueError(f"--lora-personas must be in [1, {self.personas}], got {self.lora_personas}")
+
 
 QUICK = {"personas": 16, "test_per_persona": 10, "lora_personas": 4, "unified_epochs": 1, "epochs": 2}
 """``--quick``: a smoke run (CI runs it on a tiny random model)."""

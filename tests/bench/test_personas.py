@@ -84,3 +84,12 @@ def test_quick_mode_writes_the_table_on_a_tiny_model(tmp_path):
     table = (out / "table.md").read_text().splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 7  # header + 6 methods
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_settings_name_the_flag_they_reject():
+    from peftkit.bench.persona_table import PersonaBenchSettings
+
+    with pytest.raises(ValueError, match="--lora-personas must be in"):
+        PersonaBenchSettings(personas=4, lora_personas=0)
+    with pytest.raises(ValueError, match="--epochs must be at least 1"):
+        PersonaBenchSettings(epochs=0)
