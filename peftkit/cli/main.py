@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     from peftkit.cli import experts
 
     experts.add_parsers(commands)
+
+    from peftkit.bench.cli import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -99,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args, console)
         elif args.command == "models":
             return _models(args, console)
+        elif args.command == "bench":
+            from peftkit.bench.cli import run_bench
+
+            return run_bench(args, console)
         else:
             from peftkit.cli import experts
 

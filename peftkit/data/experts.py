@@ -5,9 +5,11 @@ routing keys (``cluster``). Each expert's records form their own :class:`Tokeniz
 run's batch size and seed, so expert ``e``'s ``k``-th batch is the batch its own run would take at
 step ``k`` (same shuffle, same length bucketing, epochs one after another). Optimiser step ``k`` of
 the joint run holds the ``k``-th batch of every expert that still has steps, cut into micro-batches
-of at most ``micro_batch_size`` rows (one forward pass each)::
+of at most ``micro_batch_size`` rows (one forward pass each), the step's rows sorted by length first
+so that rows of similar length share a micro-batch (less padding; the update is per step, so the
+grouping does not change it)::
 
-    step k:  [e0 batch k][e1 batch k] ... [eN batch k]  ──►  micro-batches of ≤ micro_batch_size rows
+    step k:  [e0 batch k][e1 batch k] ... [eN batch k]  ──►  by length ──►  micro-batches of ≤ micro_batch_size rows
 
 Each row carries its route (adapter name → expert id) so the model applies that row's experts.
 An expert runs out after as many steps as its own run has; the joint run ends with the last one.
@@ -111,6 +113,7 @@ class ExpertData:
                 if step < steps[expert]:
                     batch = next(stream)
                     rows.extend(self._rows(batch, self.routes[expert]))
+            rows.sort(key=lambda row: len(row[0]))  # similar lengths share a micro-batch: less padding
             chunks = [rows[i : i + self.micro_batch_size] for i in range(0, len(rows), self.micro_batch_size)]
             for number, chunk in enumerate(chunks):
                 micro = self._micro(chunk, DataPosition(0, 0, step + 1))

@@ -205,3 +205,14 @@ def test_experts_config_errors_name_the_field(changes, message):
         tree[key] = {**tree.get(key, {}), **value} if key == "experts" else value
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(tree)
+
+
+def test_a_steps_micro_batches_hold_rows_of_similar_length():
+    """Rows of one step are grouped by length (padding), whatever the expert they come from."""
+    data = ExpertData(
+        MemorySource(expert_records()), get_formatter("prompt_completion"), CharTokenizer(),
+        route=lambda r: {"default": r["expert"]}, expert_field="expert", batch_size=2, micro_batch_size=2, seed=3,
+    )  # fmt: skip
+    first_step = [b for b in data.batches(data.steps(1, None)) if b.position.batch == 1]
+    lengths = [int(n) for b in first_step for n in b.tensors["attention_mask"].sum(-1)]
+    assert len(lengths) == 6 and lengths == sorted(lengths)  # 3 experts × 2 rows, shortest first
