@@ -151,16 +151,13 @@ def run_chat(
     session = DecodingSession(model, tokenizer, settings, persist_cache=bool(args.kv_cache))
     template = ChatTemplate(tokenizer, args.system, use_template=not args.no_chat_template)
     while True:
-        if interactive:
-            try:
-                text = input("> ")
-            except EOFError:
-                break
-        else:
-            line = stdin.readline()
-            if not line:
-                break
-            text = line.rstrip("\n")
+        if interactive:  # the prompt goes to stderr: stdout carries only replies, in a terminal or a pipe
+            err.write("> ")
+            err.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
         if not text.strip():
             continue
         if text.strip() == "/exit":
