@@ -26,15 +26,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from peftkit.config import PeftConfig
 from peftkit.errors import NoMatchingPeftModuleError
-from peftkit.experts.bank import expert_row
-from peftkit.experts.routes import ExpertRoutes, expert_routes
-from peftkit.methods.base import Adapter, Mergeable, ModelInputs
+from peftkit.experts.routes import ExpertRoutes
+from peftkit.methods.base import Adapter, Mergeable
 from peftkit.methods.registry import adapter_class_for
-from peftkit.methods.soft_prompt import pack_virtual_slots
+from peftkit.models.call_routing import BASE_ADAPTER_NAME, PeftRouting
 from peftkit.models.files import PeftFiles
 from peftkit.models.forward import is_checkpointing, run_base_model, user_logits
 from peftkit.models.inspection import PeftInspection
-from peftkit.models.merging import merge_adapters, unmerge_adapters
+from peftkit.models.merging import PeftMerging
 from peftkit.models.routing import Routing
 from peftkit.models.tasks import is_causal_lm, keep_given_config, prepare_task_config
 from peftkit.models.tuner_model import PEFT_TYPE_TO_TUNER_MAPPING, AdapterHost, TunerModel
@@ -53,11 +52,7 @@ def check_loading_options(low_cpu_mem_usage: bool = False, autocast_adapter_dtyp
         raise NotImplementedError(NO_AUTOCAST_OFF)
 
 
-BASE_ADAPTER_NAME = "__base__"
-"""Name that routes a row of a mixed batch to the bare base model (as in PEFT)."""
-
-
-class PeftModel(PeftFiles, PeftInspection, nn.Module):
+class PeftModel(PeftRouting, PeftMerging, PeftFiles, PeftInspection, nn.Module):
     """A base model with one or more adapters (drop-in for ``peft.PeftModel``).
 
     Soft prompts need a causal LM; weight adapters work on any ``nn.Module`` (a transformers model
@@ -237,19 +232,6 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
             self.active_adapters = [remaining[0]]
 
     @contextlib.contextmanager
-    def use_experts(self, experts: dict[str, str | int]) -> Iterator[None]:
-        """Inside, every row of a call without ``experts=`` / ``adapter_names=`` uses these experts of the
-        active bank adapters (adapter name → expert id or index; others keep their single expert).
-
-        Per call context, like :meth:`disable_adapter`: e.g. evaluating one persona's examples.
-        """
-        for name, expert in experts.items():
-            self._check_names([name])
-            expert_row(self.adapters[name], expert, name)  # an unknown expert fails here, by name
-        with self.routing.experts_scope(experts):
-            yield
-
-    @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this context the model computes exactly what the base model computes.
 
@@ -263,45 +245,6 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(self.adapters)}")
-
-    # ------------------------------------------------------------------ merging
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold weight adapters (default: the active mergeable ones) into the base weights.
-
-        Merged adapters cost nothing at inference; every row must then use them (mixing per row or
-        ``disable_adapter()`` raises until :meth:`unmerge_adapter`). ``safe_merge`` checks every new
-        weight for NaN/inf first and leaves the model untouched if one is found.
-        """
-        merge_adapters(self, adapter_names, safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        """Take every merged adapter out of the base weights again (in reverse merge order)."""
-        unmerge_adapters(self)
-
-    def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
-    ) -> nn.Module:
-        """Merge weight adapters (default: the active mergeable ones) and return the bare base model.
-
-        Every adapter is removed from the model afterwards (those not merged are dropped), so the
-        result is a plain transformers model, as with PEFT. ``progressbar`` is accepted for PEFT
-        compatibility.
-        """
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._unload()
-
-    def unload(self) -> nn.Module:
-        """Remove every adapter without merging and return the bare base model (its original weights)."""
-        self.unmerge_adapter()
-        return self._unload()
-
-    def _unload(self) -> nn.Module:
-        for name in list(self.adapters):
-            adapter = self.adapters.pop(name)
-            adapter.detach(AdapterHost(self), name)
-            del self.peft_config[name]
-        self.active_adapters = []
-        return self.get_base_model()
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -340,56 +283,6 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ forward
-    def routes(
-        self,
-        batch_size: int,
-        adapter_names: Sequence[str] | None,
-        device: torch.device,
-        experts: ExpertRoutes | None = None,
-    ) -> dict[str, Tensor]:
-        """Adapter name → ``(B,)`` expert index per row (``-1``: row not served).
-
-        ``experts`` (one mapping adapter name → expert id or index per row, or a resolver's result
-        with an ``experts`` attribute) routes each row on its own; see :func:`expert_routes`.
-        """
-        if experts is not None and adapter_names is not None:
-            raise ValueError("pass adapter_names or experts, not both")
-        if self._adapters_disabled:
-            return {}
-        if experts is not None:
-            return expert_routes(self, experts, batch_size, device)
-        if adapter_names is None:
-            chosen = self.routing.experts or {}  # use_experts(): every row the same expert of each bank
-            rows = {name: expert_row(self.adapters[name], chosen.get(name, 0), name) for name in self.active_adapters}
-            return {name: torch.full((batch_size,), row, device=device) for name, row in rows.items()}
-        if len(adapter_names) != batch_size:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows")
-        self._check_names(sorted(set(adapter_names) - {BASE_ADAPTER_NAME}))
-        return {
-            name: torch.tensor([0 if n == name else -1 for n in adapter_names], device=device)
-            for name in dict.fromkeys(adapter_names)
-            if name != BASE_ADAPTER_NAME
-        }
-
-    def prepare_inputs(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        routes: dict[str, Tensor] | None = None,
-    ) -> ModelInputs:
-        """The batch after every routed adapter has prepared it, in ``routes`` order, then packed
-        (each row as long as its own virtual tokens plus its tokens; see ``pack_virtual_slots``)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_base_model().get_input_embeddings()(input_ids)
-        inputs = ModelInputs.from_user(inputs_embeds, attention_mask, labels)
-        for name, rows in (routes or {}).items():
-            inputs = self.adapters[name].prepare_inputs(inputs, rows)
-        return pack_virtual_slots(inputs)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the adapted model: :meth:`lm_forward` for a causal LM, otherwise the model's own forward.
 
@@ -411,17 +304,6 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
             if extra is not None:
                 out.loss = out.loss + extra
         return out
-
-    @contextlib.contextmanager
-    def _routed(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
-        """Publish per-row routing for a call that passes ``adapter_names`` (else: the active adapters)."""
-        if adapter_names is None:
-            yield
-            return
-        first = next(v for v in [*args, *kwargs.values()] if isinstance(v, Tensor))
-        routes = self.routes(first.shape[0], adapter_names, first.device)
-        with self.routing.scope(routes):
-            yield
 
     def lm_forward(
         self,
@@ -485,21 +367,6 @@ class PeftModel(PeftFiles, PeftInspection, nn.Module):
             if extra is not None:
                 out.loss = out.loss + extra
         return out
-
-    def regularization_loss(self, routes: dict[str, Tensor] | None = None) -> Tensor | None:
-        """Sum of the adapters' extra loss terms (AdaLoRA's orthogonality penalty), ``None`` if none.
-
-        Counts the adapters that serve rows in ``routes`` (default: the active ones). ``forward`` adds
-        it to the loss it returns; the trainer, which owns the training loss, adds it once per step.
-        """
-        names = list(routes) if routes is not None else ([] if self._adapters_disabled else self.active_adapters)
-        total = None
-        for name in names:
-            term = getattr(self.adapters[name], "regularization_loss", None)
-            extra = term() if term is not None else None
-            if extra is not None:
-                total = extra if total is None else total + extra
-        return total
 
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> Any:
