@@ -173,6 +173,13 @@ def build_package(
     members: dict[str, bytes] = {}
     tensors: dict[str, dict[str, Any]] = {}
     prompts, adapters = [], []
+
+    def add_member(where: str, config: dict[str, Any], data: bytes) -> str:
+        """One adapter folder (config + safetensors) into the archive under ``where``; returns its weights path."""
+        tensors[where.rsplit("/", 1)[1]] = parse_tensors(data, f"{where}/{WEIGHTS}")
+        members[f"{where}/{CONFIG}"], members[f"{where}/{WEIGHTS}"] = _json(config), data
+        return f"{where}/{WEIGHTS}"
+
     for prompt in manifest.soft_prompts:
         config, data = read_adapter(adapter_folder(weights_dir, prompt.name), f"soft prompt {prompt.name!r}")
         if config.get("peft_type") != "PROMPT_TUNING" or config.get("num_virtual_tokens") != prompt.tokens:
@@ -180,10 +187,8 @@ def build_package(
                 f"soft prompt {prompt.name!r}: the trained adapter is {config.get('peft_type')} with "
                 f"{config.get('num_virtual_tokens')} tokens; the manifest declares PROMPT_TUNING with {prompt.tokens}"
             )
-        where = f"soft_prompts/{prompt.name}"
-        tensors[prompt.name] = parse_tensors(data, f"{where}/{WEIGHTS}")
-        members[f"{where}/{CONFIG}"], members[f"{where}/{WEIGHTS}"] = _json(config), data
-        prompts.append(prompt.model_copy(update={"weights": f"{where}/{WEIGHTS}"}))
+        weights = add_member(f"soft_prompts/{prompt.name}", config, data)
+        prompts.append(prompt.model_copy(update={"weights": weights}))
     for adapter in manifest.adapters:
         config, data = read_adapter(adapter_folder(weights_dir, adapter.name), f"adapter {adapter.name!r}")
         if str(config.get("peft_type")).upper() != adapter.type.upper():
@@ -191,10 +196,8 @@ def build_package(
                 f"adapter {adapter.name!r}: the trained adapter is {config.get('peft_type')}, "
                 f"the manifest says {adapter.type}"
             )
-        where = f"adapters/{adapter.name}"
-        tensors[adapter.name] = parse_tensors(data, f"{where}/{WEIGHTS}")
-        members[f"{where}/{CONFIG}"], members[f"{where}/{WEIGHTS}"] = _json(config), data
-        adapters.append(adapter.model_copy(update={"weights": f"{where}/{WEIGHTS}"}))
+        weights = add_member(f"adapters/{adapter.name}", config, data)
+        adapters.append(adapter.model_copy(update={"weights": weights}))
     resolved = manifest.model_copy(
         update={
             "base_model": manifest.base_model.model_copy(update={"fingerprint": fingerprint}),
