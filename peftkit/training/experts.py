@@ -76,7 +76,6 @@ class ExpertUpdate:
         self.moments: dict[str, dict[str, Tensor]] = {name: {} for name, _ in self.params}
         self.counts = torch.zeros(n, dtype=torch.float64)
         self.present = torch.zeros(n, dtype=torch.bool, device=device)
-        self.last_lrs = torch.zeros(n, dtype=torch.float64)
 
     # ------------------------------------------------------------------ loss normalisation
     def row_experts(self, routes: Sequence[dict[str, Any]]) -> Tensor:
@@ -108,10 +107,6 @@ class ExpertUpdate:
         return (1.0 / self.counts[experts[rows]]).float()
 
     # ------------------------------------------------------------------ the update
-    def gradient_norm(self) -> float:
-        grads = [p.grad for _, p in self.params if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
     def _rows(self, tensor: Tensor) -> Tensor:
         return tensor.view(self.bank.num_experts, -1)
 
@@ -136,7 +131,6 @@ class ExpertUpdate:
         model.after_optimizer_step(step)
         for _, param in self.params:
             param.grad = None
-        self.last_lrs = lrs
         mean_lr = float(lrs.mean()) if lrs.numel() else 0.0
         return mean_lr, float(norms.max()) if norms.numel() else 0.0
 
