@@ -94,7 +94,7 @@ class ExpertUpdate:
     def _token_rows(self, batch: Any) -> tuple[Tensor, Tensor]:
         experts = self.row_experts(batch.routes)
         labelled = batch.tensors["labels"][:, 1:] != IGNORE_INDEX  # (b, L-1)
-        if bool((experts < 0).any() & labelled.any(-1).any()):
+        if bool(((experts < 0) & labelled.any(-1)).any()):  # per row: labelled, yet no expert
             raise ValueError(f"a labelled row of the batch names no expert of bank {self.adapter_name!r}")
         per_row = labelled.sum(-1).double()
         return experts.clamp_min(0), per_row

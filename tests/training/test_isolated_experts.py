@@ -216,3 +216,21 @@ def test_a_steps_micro_batches_hold_rows_of_similar_length():
     first_step = [b for b in data.batches(data.steps(1, None)) if b.position.batch == 1]
     lengths = [int(n) for b in first_step for n in b.tensors["attention_mask"].sum(-1)]
     assert len(lengths) == 6 and lengths == sorted(lengths)  # 3 experts × 2 rows, shortest first
+
+
+def test_only_a_labelled_row_without_an_expert_is_an_error():
+    """A row routed to no expert of the bank is fine while it carries no label; labelled, it is an error."""
+    from types import SimpleNamespace
+
+    from peftkit.training.distributed import Distributed
+    from peftkit.training.experts import ExpertUpdate
+
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=TOKENS, expert_ids=list(SIZES)))
+    update = ExpertUpdate("default", model.adapters["default"], config("adamw"), dict.fromkeys(SIZES, 4))
+    labels = torch.tensor([[-100, 5, 6], [-100, -100, -100]])
+    fine = SimpleNamespace(rows=2, tensors={"labels": labels}, routes=[{"default": "ann"}, {}])
+    update.count([fine], Distributed())
+    assert update.counts.tolist() == [2.0, 0.0, 0.0]
+    bad = SimpleNamespace(rows=2, tensors={"labels": labels.flip(0)}, routes=[{"default": "ann"}, {}])
+    with pytest.raises(ValueError, match="a labelled row of the batch names no expert"):
+        update.count([bad], Distributed())
