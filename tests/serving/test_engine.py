@@ -8,9 +8,12 @@ import dataclasses
 import pytest
 import torch
 
+from peftkit import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from peftkit.decoding import DecodingSettings
+from peftkit.models.loading import load_base
 from peftkit.serving.engine import Engine
-from peftkit.serving.types import PromptTooLong, QueueFull, ServeRequest
+from peftkit.serving.prefix_store import soft_prompt_of
+from peftkit.serving.types import PromptTooLong, QueueFull, ServedExpert, ServeRequest
 from tests.serving.conftest import generate_alone, random_prompt
 
 GREEDY = DecodingSettings(max_new_tokens=8)
@@ -48,6 +51,44 @@ def test_mixed_staggered_batch_equals_generate_alone(served):
         assert result.finish_reason == "length"
         assert result.usage.completion_tokens == len(result.token_ids)
         assert result.text == served.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_every_steps_logits_match_generate_alone(served, monkeypatch):
+    """Not only the argmax: each row's logits at every step are within 1e-5 of ``generate``'s scores for
+    that request alone, while it shares the batch with rows of other experts and lengths."""
+    import peftkit.serving.engine as engine_module
+
+    seen: dict[str, list[torch.Tensor]] = {}
+    owner: dict[int, str] = {}
+    real = engine_module.choose_tokens
+
+    def recording(samplers, logits):
+        for sampler, row in zip(samplers, logits, strict=True):
+            seen.setdefault(owner[id(sampler)], []).append(row.clone())
+        return real(samplers, logits)
+
+    monkeypatch.setattr(engine_module, "choose_tokens", recording)
+    generator = torch.Generator().manual_seed(9)
+    plan = [("pt7", 3), (None, 10), ("px5", 6), ("pt4", 1), ("px3", 8)]
+    engine = Engine(served.base, served.tokenizer)
+    requests = [request(served, f"r{i}", e, random_prompt(generator, n)) for i, (e, n) in enumerate(plan)]
+    for req in requests:
+        engine.submit(req)
+        owner[id(engine._waiting[-1].sampler)] = req.request_id
+        engine.step()
+    engine.run_until_idle()
+    for (expert, _), req in zip(plan, requests, strict=True):
+        ids = torch.tensor([req.prompt_ids])
+        kwargs = {"decoding": GREEDY, "eos_token_id": [], "return_dict_in_generate": True, "output_scores": True}
+        if expert is None:
+            with served.peft.disable_adapter():
+                scores = served.peft.generate(input_ids=ids, **kwargs).scores
+        else:
+            scores = served.peft.generate(input_ids=ids, adapter_names=[expert], **kwargs).scores
+        got = seen[req.request_id]
+        assert len(got) == len(scores) == GREEDY.max_new_tokens
+        for step, (ours, theirs) in enumerate(zip(got, scores, strict=True)):
+            torch.testing.assert_close(ours, theirs[0], atol=1e-5, rtol=0, msg=f"{req.request_id} step {step}")
 
 
 def test_seeded_samples_do_not_depend_on_the_batch(served):
@@ -211,3 +252,52 @@ def test_blocking_iteration_with_the_background_thread(served):
         engine.stop()
     assert tokens == generate_alone(served, "pt7", [5, 6, 7], GREEDY)
     assert not engine._thread
+
+
+@pytest.mark.smollm2
+def test_mixed_experts_equal_generate_alone_on_smollm2():
+    model, tokenizer = load_base("smollm2-135m-instruct", device="cpu")
+    torch.manual_seed(0)
+    text = {"tokenizer_name_or_path": "smollm2-135m-instruct", "prompt_tuning_init": "TEXT"}
+    configs = {
+        "brief": PromptTuningConfig(
+            num_virtual_tokens=20, prompt_tuning_init_text="Answer in one short sentence.", **text
+        ),
+        "pirate": PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init_text="Talk like a pirate.", **text),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=6),
+    }
+    names = list(configs)
+    peft = get_peft_model(model, configs[names[0]], adapter_name=names[0], tokenizer=tokenizer)
+    for name in names[1:]:
+        peft.add_adapter(name, configs[name], tokenizer=tokenizer)
+    with torch.no_grad():  # a random prefix of N(0, 1) keys would drown the model: keep it small
+        peft.prompt_encoder["prefix"].embedding.weight.mul_(0.1)
+    experts = {n: ServedExpert(n, 1, soft_prompt=soft_prompt_of(peft.prompt_encoder[n])) for n in names}
+    questions = ["What is the capital of France?", "Name a primary colour.", "Why is the sky blue?", "What is 2+2?"]
+    plan = list(zip(["brief", "pirate", None, "prefix"], questions, [16, 12, 20, 10], strict=True))
+    engine = Engine(model, tokenizer)
+    requests, handles = [], []
+    for i, (expert, question, budget) in enumerate(plan):
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        request = ServeRequest(
+            f"r{i}", list(ids["input_ids"]), experts.get(expert), DecodingSettings(max_new_tokens=budget)
+        )
+        requests.append(request)
+        handles.append(engine.submit(request))
+        engine.step()  # staggered: each request joins a running batch
+    engine.run_until_idle()
+    eos = model.generation_config.eos_token_id
+    for (expert, *_), request, handle in zip(plan, requests, handles, strict=True):
+        ids = torch.tensor([request.prompt_ids])
+        if expert is None:
+            with peft.disable_adapter():
+                out = peft.generate(input_ids=ids, decoding=request.settings)
+        else:
+            out = peft.generate(input_ids=ids, decoding=request.settings, adapter_names=[expert])
+        new = out[0, ids.shape[1] :].tolist()
+        result = handle.result(timeout=1)
+        assert result.token_ids == new[: len(result.token_ids)]
+        assert len(result.token_ids) == len(new) or result.token_ids[-1] == eos
+        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert engine.stats().finished_requests == 4
