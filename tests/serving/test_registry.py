@@ -287,3 +287,20 @@ def test_ten_thousand_bank_experts_memory_and_lookup(base, root):
     print(
         f"10k bank: load {load_s:.2f} s, table {table_bytes} B, python {per_expert:.0f} B/expert, get {lookup_us:.1f}us"
     )
+
+
+def test_sources_that_cannot_be_served_are_refused(base, root):
+    save(root / "ia3", peftkit.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    save(root / "lora", peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    save(root / "dora", peftkit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    reg = registry(base, root)
+    with pytest.raises(ValueError, match="peft_type IA3 cannot be served"):
+        reg.load("ia3")
+    with pytest.raises(ValueError, match="use_dora=True is not supported by the LoRA bank"):
+        reg.load("dora")
+    with pytest.raises(ValueError, match="given no LoraBank"):
+        ExpertRegistry(base, None, root=root, lora_bank=None).load("lora")
+    assert reg.names() == [] and reg.describe() == [] and len(reg.lora_bank) == 0
+    with pytest.raises(UnknownExpert, match="no expert or source"):
+        reg.unload("nope")
+    assert ExpertRegistry(base, None, root=None, lora_bank=None).resolve("x", ["base"]) == (None, "base")
