@@ -273,14 +273,18 @@ class Engine:
 
     def _admit(self, rows: list[_Row]) -> int:
         """Prefill ``rows`` together, choose their first tokens, and add the unfinished ones to the batch."""
-        ready, prefixes = [], []
-        for row in rows:
-            try:
-                prefixes.append(self.prefix_store.get(row.request.expert))
-                ready.append(row)
-            except Exception:
-                logger.exception("request %s: computing its expert's prefix failed", row.request.request_id)
-                self._end(row, "error")
+        try:
+            prefixes = self.prefix_store.get_many([row.request.expert for row in rows])
+            ready = rows
+        except Exception:  # find the experts that fail, serve the others
+            ready, prefixes = [], []
+            for row in rows:
+                try:
+                    prefixes.append(self.prefix_store.get(row.request.expert))
+                    ready.append(row)
+                except Exception:
+                    logger.exception("request %s: computing its expert's prefix failed", row.request.request_id)
+                    self._end(row, "error")
         if not ready:
             return 0
         try:
