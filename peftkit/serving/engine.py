@@ -35,12 +35,8 @@ from torch import nn
 
 from peftkit.serving.kv_batch import KVBatch, check_model_cache, prefill
 from peftkit.serving.prefix_store import PrefixStore, lora_routing
+from peftkit.serving.sampling import RowSampler, choose_tokens
 from peftkit.serving.types import FinishReason, PromptTooLong, QueueFull, ServeRequest, TokenEvent, Usage
-
-try:  # the full sampler (penalties, grammar, incremental detokenization) once it is merged
-    from peftkit.serving.sampling import RowSampler, choose_tokens
-except ImportError:  # pragma: no cover - depends on the branch
-    from peftkit.serving._basic_sampler import RowSampler, choose_tokens
 
 logger = logging.getLogger(__name__)
 
