@@ -245,6 +245,7 @@ def run_serve_bench(settings: ServeBenchSettings, console: Console | None = None
     result["expert_overhead"] = result["base"]["tokens_per_second"] / result["engine"]["tokens_per_second"] - 1
     s.output.mkdir(parents=True, exist_ok=True)
     (s.output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (s.output / "table.md").write_text(markdown_table(result))
     print_result(result, console)
     return result
 
@@ -311,31 +312,46 @@ def _measure_registry(model_name: str, root: str, ids: list[str], lookups: int =
     }
 
 
+ROWS = (
+    ("engine", "peftkit engine, warm experts"),
+    ("engine_cold", "peftkit engine, cold experts"),
+    ("peft", "HF PEFT, one adapter at a time"),
+    ("base", "peftkit engine, bare model"),
+)
+COLUMNS = ("run", "wall s", "tokens/s", "p50 latency s", "p99 latency s", "fraction of peak")
+
+
+def result_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for key, label in ROWS:
+        r = result[key]
+        rows.append([
+            label, f"{r['seconds']:.2f}", f"{r['tokens_per_second']:.1f}", f"{r['p50_latency_s']:.2f}",
+            f"{r['p99_latency_s']:.2f}", f"{r['fraction_of_peak']:.1%}",
+        ])  # fmt: skip
+    return rows
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in result_rows(result)]
+    return "\n".join(lines) + "\n"
+
+
 def print_result(result: dict[str, Any], console: Console) -> None:
     s = result["settings"]
     table = Table(title=f"{s['requests']} requests × {s['max_new_tokens']} new tokens, greedy ({s['model']})")
-    for column in ("run", "wall s", "tokens/s", "p50 latency s", "p99 latency s", "fraction of peak"):
+    for column in COLUMNS:
         table.add_column(column, justify="left" if column == "run" else "right")
-    rows = (
-        ("engine", f"peftkit engine, {s['requests']} soft-prompt experts in one batch"),
-        ("engine_cold", "the same, each expert's first request (its keys/values computed in the run)"),
-        ("peft", "HF PEFT, load each adapter and generate in turn"),
-        ("base", "peftkit engine, bare base model (no expert)"),
-    )
-    for key, label in rows:
-        r = result[key]
-        table.add_row(
-            label, f"{r['seconds']:.2f}", f"{r['tokens_per_second']:.1f}", f"{r['p50_latency_s']:.2f}",
-            f"{r['p99_latency_s']:.2f}", f"{r['fraction_of_peak']:.1%}",
-        )  # fmt: skip
+    for row in result_rows(result):
+        table.add_row(*row)
     console.print(table)
     console.print(
         f"engine / PEFT throughput: [bold]{result['speedup_vs_peft']:.2f}×[/] (goal ≥ 5×); expert overhead vs the "
         f"bare model: [bold]{result['expert_overhead']:+.1%}[/] (goal ≤ 15%); matmul peak "
         f"{result['matmul_peak_gflops']:.0f} GFLOP/s; load {result['load_average']}"
     )
-    reuse = result["prefix_reuse"]
-    console.print(f"soft-prompt KV reuse: {reuse['text']}")
+    console.print(f"soft-prompt KV reuse: {result['prefix_reuse']['text']}")
     reg = result["registry"]
     console.print(
         f"{reg['experts']:,} registered soft-prompt experts: +{reg['rss_added_mb']:.0f} MB resident "

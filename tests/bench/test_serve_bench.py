@@ -30,6 +30,7 @@ def test_every_side_runs_on_a_tiny_model(tmp_path):
     assert result["speedup_vs_peft"] == pytest.approx(
         result["engine"]["tokens_per_second"] / result["peft"]["tokens_per_second"]
     )
+    assert (out / "table.md").read_text().count("\n") == 2 + 4  # header, rule, four runs
     registry = result["registry"]
     assert registry["experts"] == 50
     # the bank's table: 50 experts × 4 virtual tokens × the hidden size × 4 bytes
