@@ -114,7 +114,7 @@ def create_app(
             except ValueError as exc:
                 raise APIError(400, str(exc), param="path", code="invalid_value") from None
             loaded = served if isinstance(served, list) else [served]
-            return JSONResponse({"loaded": [_expert_entry(e) for e in loaded if e is not None]})
+            return JSONResponse({"loaded": [e if isinstance(e, str) else e.name for e in loaded if e is not None]})
 
         @app.post("/admin/experts/unload")
         async def unload_expert(body: UnloadExpert) -> JSONResponse:
@@ -156,10 +156,6 @@ class ApiKeyMiddleware:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def _expert_entry(expert: ServedExpert) -> dict[str, Any]:
-    return {"name": expert.name, "version": expert.version, "source": expert.source}
 
 
 class _Server:
@@ -247,7 +243,11 @@ class _Server:
             handle = self.engine.submit(serve, loop=asyncio.get_running_loop())
         except ServingError as exc:
             raise from_serving_error(exc, param="messages" if chat else "prompt") from None
-        reply = _Reply(self, request_id, body, expert.name if expert is not None else BASE, level, chat, start)
+        except ValueError as exc:  # a token id outside the model's vocabulary, a grammar that does not compile
+            raise APIError(400, str(exc), param="messages" if chat else "prompt", code="invalid_value") from None
+        tried = [body.model, *body.fallback]
+        fallback_level = tried.index(level) if level in tried else level  # 0: the model asked for
+        reply = _Reply(self, request_id, body, expert.name if expert is not None else BASE, fallback_level, chat, start)
         if body.stream:
             return StreamingResponse(
                 reply.stream(handle), media_type="text/event-stream",
@@ -257,10 +257,11 @@ class _Server:
 
 
 class _Reply:
-    """One request's answer: OpenAI's response shapes, with ``expert`` and ``fallback_level`` added."""
+    """One request's answer: OpenAI's response shapes, with ``expert`` (the expert that served it) and
+    ``fallback_level`` (its index in ``[model, *fallback]``: 0 is the model asked for) added."""
 
     def __init__(
-        self, server: _Server, request_id: str, body: GenerationRequest, expert: str, level: str, chat: bool,
+        self, server: _Server, request_id: str, body: GenerationRequest, expert: str, level: int | str, chat: bool,
         start: float,
     ) -> None:  # fmt: skip
         self.server, self.id, self.body, self.expert, self.level = server, request_id, body, expert, level
@@ -354,8 +355,9 @@ class _Reply:
                 break
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:
+            if not finished:  # the client left (or the stream failed): its final event never comes here
                 handle.cancel()
+                self.server.metrics.requests.labels(self.expert, "abort").inc()
 
 
 async def _cancel_on_disconnect(request: Request, handle: Any) -> None:

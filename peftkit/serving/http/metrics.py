@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60,
 
 
 class EngineCollector(Collector):
-    """Gauges read from ``engine.stats()`` when Prometheus scrapes."""
+    """Gauges read from ``engine.stats()`` (an ``EngineStats``) when Prometheus scrapes."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -30,16 +30,21 @@ class EngineCollector(Collector):
         gauges = {
             "queue_depth": ("peftkit_queue_depth", "requests waiting for a batch slot"),
             "running": ("peftkit_running_rows", "requests decoding in the running batch"),
-            "tokens_per_s": ("peftkit_tokens_per_second", "generated tokens per second (recent window)"),
+            "tokens_per_second": ("peftkit_tokens_per_second", "generated tokens per second (recent window)"),
         }
         for key, (name, doc) in gauges.items():
             value = get(key)
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=float(value))
-        generated = get("generated_tokens")
-        if generated is not None:
-            yield CounterMetricFamily("peftkit_generated_tokens", "tokens generated since start", value=generated)
-        per_expert = get("per_expert") or {}
+        counters = (
+            ("generated_tokens", "peftkit_generated_tokens", "tokens generated since start"),
+            ("finished_requests", "peftkit_finished_requests", "requests finished since start"),
+        )
+        for key, name, doc in counters:
+            value = get(key)
+            if value is not None:
+                yield CounterMetricFamily(name, doc, value=float(value))
+        per_expert = get("requests_by_expert") or {}
         if per_expert:
             family = CounterMetricFamily(
                 "peftkit_engine_expert_requests", "requests the engine has admitted, per expert", labels=["expert"]
