@@ -170,15 +170,8 @@ def build(tmp: Path) -> Parts:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     parts = build(tmp_path_factory.mktemp("http"))
-    model, tokenizer, registry, folder, experts = (
-        parts.model,
-        parts.tokenizer,
-        parts.registry,
-        parts.folder,
-        parts.experts,
-    )
     engine = parts.engine(max_batch_size=8, max_queue=64, max_model_len=MAX_MODEL_LEN)
-    app = create_app(engine, registry, tokenizer, api_key=KEY, enable_admin=True, max_prompt_tokens=200)
+    app = create_app(engine, parts.registry, parts.tokenizer, api_key=KEY, enable_admin=True, max_prompt_tokens=200)
     engine.start()
     try:
         with running(app) as url:
