@@ -4,7 +4,8 @@
 
     DecodingSettings(temperature=0.1, top_p=0.9, stop=("\\n\\n",), grammar=Grammar(json_schema={...}))
 
-Ranges follow OpenAI-style servers (temperature 0–2, top_p in (0, 1], top_k ≥ 0, max tokens ≥ 1).
+Ranges follow OpenAI-style servers (temperature 0–2, top_p in (0, 1], top_k ≥ 0, max tokens ≥ 1,
+presence and frequency penalties in [-2, 2]).
 ``temperature == 0`` decodes greedily; above 0 samples. :func:`resolve_decoding` layers the
 sources (defaults < manifest < command-line flags) and records where each value came from, so a
 command can print ``temperature=0.1 (manifest)``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -25,7 +27,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-__all__ = ["DECODING_FIELDS", "DecodingSettings", "Grammar", "StopScanner", "resolve_decoding"]
+__all__ = [
+    "DECODING_FIELDS",
+    "DecodingSettings",
+    "Grammar",
+    "PresenceFrequencyPenalty",
+    "StopScanner",
+    "resolve_decoding",
+]
 
 
 class Grammar(BaseModel):
@@ -73,7 +82,14 @@ class DecodingSettings(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     """Drop tokens less likely than ``min_p`` × the most likely one; 0 = off."""
     repetition_penalty: float = Field(1.0, gt=0)
-    """CTRL-style penalty on tokens already in the sequence (1 = off); applies to greedy decoding too."""
+    """CTRL-style penalty on tokens already in the sequence, prompt included (1 = off); applies to greedy
+    decoding too."""
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    """OpenAI's presence penalty (-2–2, 0 = off): subtracted once from the logit of every token that
+    already appears in the generated text (not the prompt); positive values favour new tokens."""
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    """OpenAI's frequency penalty (-2–2, 0 = off): subtracted from a token's logit once per time it
+    already appears in the generated text (not the prompt); positive values discourage repetition."""
     max_new_tokens: int = Field(256, ge=1)
     """The most tokens generated per answer."""
     stop: tuple[str, ...] = ()
@@ -110,13 +126,26 @@ class DecodingSettings(BaseModel):
     def do_sample(self) -> bool:
         return self.temperature > 0
 
-    def processors(self, constraints: Sequence[Any] = ()) -> LogitsProcessorList:
-        """The score transforms: penalty, then ``constraints`` (e.g. a grammar mask), then temperature,
+    @property
+    def has_penalties(self) -> bool:
+        """Any of the repetition, presence or frequency penalties is on."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def processors(self, constraints: Sequence[Any] = (), *, prompt_length: int | None = None) -> LogitsProcessorList:
+        """The score transforms: penalties, then ``constraints`` (e.g. a grammar mask), then temperature,
         top-k, top-p and min-p. Constraints come before the sampling warpers so that top-k / top-p
-        choose among the allowed tokens only."""
+        choose among the allowed tokens only.
+
+        Args:
+            prompt_length: where the generated tokens start in the ``input_ids`` the processors are
+                called with (for the presence / frequency penalties); ``None``: the length of the
+                first call's ``input_ids``, so a fresh list must be used per generation.
+        """
         steps = LogitsProcessorList()
         if self.repetition_penalty != 1.0:
             steps.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.presence_penalty != 0.0 or self.frequency_penalty != 0.0:
+            steps.append(PresenceFrequencyPenalty(self.presence_penalty, self.frequency_penalty, prompt_length))
         steps.extend(constraints)
         if self.do_sample:
             if self.temperature != 1.0:
@@ -141,6 +170,31 @@ class DecodingSettings(BaseModel):
 
 
 DECODING_FIELDS = tuple(DecodingSettings.model_fields)
+
+
+class PresenceFrequencyPenalty:
+    """OpenAI's presence and frequency penalties, an ``(input_ids, scores) -> scores`` processor.
+
+    ``scores[t] -= frequency * c[t] + presence * (c[t] > 0)``, where ``c[t]`` counts ``t`` among the
+    generated tokens only (``input_ids[:, prompt_length:]``), as OpenAI and vLLM define them
+    (https://platform.openai.com/docs/advanced-usage#frequency-and-presence-penalties).
+
+    Args:
+        prompt_length: where generation starts in ``input_ids``; ``None`` takes the first call's length
+            (the prompt, before anything was generated).
+    """
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int | None = None) -> None:
+        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        generated = input_ids[:, self.prompt_length :]  # (B, new)
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 def resolve_decoding(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from peftkit.decoding import DecodingSettings, Grammar, StopScanner, resolve_decoding
+from peftkit.decoding import DecodingSettings, Grammar, PresenceFrequencyPenalty, StopScanner, resolve_decoding
 
 
 @pytest.mark.parametrize(
@@ -19,6 +20,8 @@ from peftkit.decoding import DecodingSettings, Grammar, StopScanner, resolve_dec
         ({"stop": ["ok", ""]}, "stop: stop cannot contain an empty string"),
         ({"grammar": {}}, "grammar: give exactly one of json_schema or gbnf"),
         ({"grammar": {"json_schema": {"type": "nope"}}}, "grammar"),
+        ({"presence_penalty": 2.5}, "presence_penalty=2.5: Input should be less than or equal to 2"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty=-2.1: Input should be greater than or equal to -2"),
         ({"beam_width": 4}, "beam_width=4: Extra inputs are not permitted"),
     ],
 )
@@ -43,6 +46,23 @@ def test_later_layers_win_and_sources_are_recorded():
     assert "temperature=0.1 (manifest)" in lines and "top_p=0.9 (--top-p)" in lines and "top_k=0 (default)" in lines
     with pytest.raises(ValueError, match=r"--temperature: temperature=9.0"):
         resolve_decoding(("--temperature", {"temperature": 9.0}))
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    """OpenAI's formula, by hand: logit -= frequency * count + presence * (count > 0)."""
+    settings = DecodingSettings(presence_penalty=0.5, frequency_penalty=-0.25)
+    processors = settings.processors()
+    assert settings.has_penalties and len(processors) == 1
+    scores = torch.arange(6, dtype=torch.float).repeat(2, 1)
+    assert torch.equal(processors(torch.tensor([[1, 1], [2, 3]]), scores.clone()), scores)  # the prompt
+    ids = torch.tensor([[1, 1, 4, 4, 4, 1], [2, 3, 2, 5, 5, 0]])  # generated: [4, 4, 4, 1] and [2, 5, 5, 0]
+    expected = scores.clone()
+    for row, counts in enumerate([{4: 3, 1: 1}, {2: 1, 5: 2, 0: 1}]):
+        for token, count in counts.items():
+            expected[row, token] -= -0.25 * count + 0.5
+    torch.testing.assert_close(processors(ids, scores.clone()), expected)
+    explicit = PresenceFrequencyPenalty(0.5, -0.25, prompt_length=2)
+    torch.testing.assert_close(explicit(ids, scores.clone()), expected)
 
 
 def test_grammar_kind():

@@ -62,6 +62,9 @@ class ManyExpertsSettings:
     are sorted by length first; on a CPU 8 rows already run matmuls near the peak and pad less)."""
     matmul_size: int = 2048
     """Side of the square fp32 matmul that measures the machine's peak."""
+    precision: str = "fp32"
+    """peftkit's side: ``fp32`` or ``bf16`` (bfloat16 autocast, weights and optimiser fp32); HF PEFT
+    runs fp32, its default."""
     seed: int = 0
     device: str = "auto"
     output: Path = Path("runs/bench-many-experts")
@@ -144,13 +147,13 @@ def run_many_experts(settings: ManyExpertsSettings, console: Console | None = No
     work = count_work(experts, steps, s.tokens)
     config = TrainingConfig(
         lr=s.lr, epochs=s.epochs, batch_size=s.batch_size, warmup_steps=0, scheduler="constant",
-        max_grad_norm=1.0, seed=s.seed, eval_at_end=False,
+        max_grad_norm=1.0, seed=s.seed, eval_at_end=False, precision=s.precision,
     )  # fmt: skip
     load_before, cpu = load_average(), time.process_time()
     ours_seconds = train(ours, experts, config, s.progress)
     ours_cpu = time.process_time() - cpu
     console.print(
-        f"peftkit, one bank of {len(ids)}: {ours_seconds:.1f} s, {ours_cpu:.1f} CPU s "
+        f"peftkit ({s.precision}), one bank of {len(ids)}: {ours_seconds:.1f} s, {ours_cpu:.1f} CPU s "
         f"(load {load_before} -> {load_average()})"
     )
 

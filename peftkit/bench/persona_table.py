@@ -65,6 +65,8 @@ class PersonaBenchSettings:
     group_batch_size: int = 8
     """Rows per step of the unified and cluster runs."""
     micro_batch_size: int = 32
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (bfloat16 autocast for every training run; weights and optimisers fp32)."""
     seed: int = 0
     device: str = "auto"
     output: Path = Path("runs/bench-personas")
@@ -133,7 +135,7 @@ class Runs:
     def config(self, lr: float, epochs: int, batch_size: int) -> TrainingConfig:
         return TrainingConfig(
             lr=lr, epochs=epochs, batch_size=batch_size, warmup_ratio=0.1, scheduler="linear",
-            max_grad_norm=1.0, seed=self.s.seed, eval_at_end=False,
+            max_grad_norm=1.0, seed=self.s.seed, eval_at_end=False, precision=self.s.precision,
         )  # fmt: skip
 
     def tokenized(self, records: list[dict], batch_size: int) -> TokenizedData:

@@ -22,6 +22,8 @@ FLAGS = {  # field -> (flag, type)
     "top_k": ("--top-k", int),
     "min_p": ("--min-p", float),
     "repetition_penalty": ("--repetition-penalty", float),
+    "presence_penalty": ("--presence-penalty", float),
+    "frequency_penalty": ("--frequency-penalty", float),
     "max_new_tokens": ("--max-new-tokens", int),
     "seed": ("--seed", int),
 }

@@ -1,0 +1,205 @@
+"""An expert's virtual-token keys and values, computed once and reused by every request.
+
+A soft prompt's keys and values depend only on the expert and the frozen weights (with a LoRA
+underneath, on the pair), never on the user's tokens: the virtual tokens come first and attention
+is causal. So they are computed once per expert version and each request's prefill runs only its
+own tokens, at positions ``n .. n + L - 1``, over the cached prefix::
+
+    prompt tuning:  embeddings (n, D) ──frozen model, positions 0..n-1──► per layer (K, V) (1, H_kv, n, d)
+    prefix tuning:  key_values per layer (H_kv, n, d)                  ──► the same, unchanged
+    request:        [ cached K/V of v0..v(n-1) | t0 .. t(L-1) ]   prefill computes the t's only
+
+This is what peftkit's ``generate`` computes for the same adapter (one prefill over ``[v | t]``),
+up to floating-point summation order. Entries are keyed by
+``(expert.name, expert.version, expert.lora, expert.lora_version)``: a reloaded expert (new
+``version``) or a changed LoRA never meets stale keys/values. The store is an LRU bounded by bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.models.fast_linear import frozen_linear_on_onednn
+from peftkit.serving.types import ServedExpert, SoftPrompt
+
+PrefixKey = tuple[str, int, str | None, int]
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """One expert's virtual-token attention states.
+
+    Attributes:
+        key_values: per decoder layer ``(keys, values)``, each ``(1, H_kv, n, d_head)``.
+        num_virtual_tokens: ``n``; the user's first token sits at position ``n``.
+    """
+
+    key_values: tuple[tuple[Tensor, Tensor], ...]
+    num_virtual_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kv in self.key_values for t in kv)
+
+
+def prefix_key(expert: ServedExpert) -> PrefixKey:
+    """What the cached states depend on: the expert's version and the LoRA under it."""
+    return (expert.name, expert.version, expert.lora, expert.lora_version)
+
+
+class PrefixStore:
+    """Virtual-token keys/values per expert version, computed on first use; LRU-bounded by bytes.
+
+    Args:
+        model: the frozen Hugging Face causal LM the engine serves (eval mode).
+        max_bytes: the most bytes of cached states kept; the least recently used entries go first.
+            An entry larger than the whole budget is computed and returned but not kept.
+        lora_bank: the engine's LoRA bank, needed for experts with a LoRA (their prompt's states are
+            computed with that LoRA routed).
+    """
+
+    def __init__(self, model: nn.Module, *, max_bytes: int, lora_bank: Any = None) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.model, self.max_bytes, self.lora_bank = model, max_bytes, lora_bank
+        self._entries: OrderedDict[PrefixKey, CachedPrefix] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, expert: ServedExpert) -> bool:
+        return prefix_key(expert) in self._entries
+
+    def get(self, expert: ServedExpert | None) -> CachedPrefix | None:
+        """The expert's cached prefix (computed now if missing); ``None`` for no soft prompt."""
+        if expert is None or expert.soft_prompt is None:
+            return None
+        key = prefix_key(expert)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry
+            self.misses += 1
+        entry = self.compute(expert)
+        with self._lock:
+            self._insert(key, entry)
+        return entry
+
+    def forget(self, name: str) -> int:
+        """Drop every cached version of expert ``name``; returns how many entries went."""
+        with self._lock:
+            stale = [key for key in self._entries if key[0] == name]
+            for key in stale:
+                self.nbytes -= self._entries.pop(key).nbytes
+        return len(stale)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def _insert(self, key: PrefixKey, entry: CachedPrefix) -> None:
+        if key in self._entries or entry.nbytes > self.max_bytes:
+            return
+        stale = [k for k in self._entries if k[0] == key[0]]  # older versions of the same expert
+        for k in stale:
+            self.nbytes -= self._entries.pop(k).nbytes
+        while self._entries and self.nbytes + entry.nbytes > self.max_bytes:
+            self.nbytes -= self._entries.popitem(last=False)[1].nbytes
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+
+    @torch.no_grad()
+    def compute(self, expert: ServedExpert) -> CachedPrefix:
+        """The expert's virtual-token states, computed now (nothing is cached)."""
+        prompt = expert.soft_prompt
+        if prompt is None:
+            raise ValueError(f"expert {expert.name!r} has no soft prompt")
+        param = next(self.model.parameters())
+        if prompt.kind == "prefix":
+            if prompt.key_values is None:
+                raise ValueError(f"expert {expert.name!r}: a prefix soft prompt needs key_values")
+            layers = tuple(
+                (k.to(param.device, param.dtype).unsqueeze(0), v.to(param.device, param.dtype).unsqueeze(0))
+                for k, v in prompt.key_values
+            )
+            return CachedPrefix(layers, prompt.num_virtual_tokens)
+        if prompt.kind != "prompt" or prompt.embeddings is None:
+            raise ValueError(f"expert {expert.name!r}: soft prompt kind {prompt.kind!r} without embeddings")
+        return CachedPrefix(self._encode(prompt, expert), prompt.num_virtual_tokens)
+
+    def _encode(self, prompt: SoftPrompt, expert: ServedExpert) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Run the frozen model on the ``n`` virtual embeddings alone (positions ``0 .. n-1``)."""
+        param = next(self.model.parameters())
+        embeds = prompt.embeddings.to(param.device, param.dtype).unsqueeze(0)  # (1, n, D)
+        n = embeds.shape[1]
+        from peftkit.models.cache import growing_prefix_cache
+
+        cache = growing_prefix_cache(None, self.model.config)
+        with lora_routing(self.lora_bank, [expert], param.device), frozen_linear_on_onednn(embeds):
+            self.model(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(1, n, dtype=torch.long, device=param.device),
+                position_ids=torch.arange(n, device=param.device).unsqueeze(0),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
+def lora_routing(lora_bank: Any, experts: list[ServedExpert | None], device: torch.device) -> Any:
+    """``lora_bank.routing(slots)`` for these rows (``-1`` = no LoRA), or a no-op without a bank.
+
+    Raises:
+        ValueError: a row's expert has a LoRA but the engine has no LoRA bank.
+    """
+    import contextlib
+
+    names = [None if e is None else e.lora for e in experts]
+    if lora_bank is None:
+        wanted = sorted({n for n in names if n is not None})
+        if wanted:
+            raise ValueError(f"experts with a LoRA ({', '.join(wanted)}) need the engine's lora_bank")
+        return contextlib.nullcontext()
+    slots = torch.tensor([-1 if n is None else lora_bank.slot(n) for n in names], dtype=torch.long, device=device)
+    return lora_bank.routing(slots)
+
+
+def soft_prompt_of(adapter: nn.Module, expert: int | str = 0) -> SoftPrompt:
+    """The :class:`SoftPrompt` of a peftkit prompt-tuning or prefix-tuning adapter (one expert of a bank).
+
+    Prompt tuning gives ``embeddings`` ``(n, D)``; prefix tuning gives per-layer ``key_values``
+    ``(H_kv, n, d)`` (its parameters, viewed in the attention's layout).
+    """
+    from peftkit.experts.bank import expert_row
+    from peftkit.methods.prefix_tuning import PrefixTuning
+    from peftkit.methods.soft_prompt import EmbeddingSoftPrompt, PromptBank
+
+    n = adapter.config.num_virtual_tokens
+    with torch.no_grad():
+        if isinstance(adapter, PrefixTuning):
+            row = expert_row(adapter, expert)
+            kv = adapter.row_key_values(torch.tensor([row]))[:, 0]  # (2L, H_kv, n, d)
+            kv = kv.detach().clone()
+            layers = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(adapter.config.num_layers))
+            return SoftPrompt(kind="prefix", num_virtual_tokens=n, key_values=layers)
+        if isinstance(adapter, PromptBank) and adapter.num_experts > 1:
+            embeddings = adapter.table[expert_row(adapter, expert)]
+        elif isinstance(adapter, EmbeddingSoftPrompt):
+            embeddings = adapter.prompt()
+        else:
+            raise TypeError(f"{type(adapter).__name__} is not a prompt-tuning or prefix-tuning adapter")
+        return SoftPrompt(kind="prompt", num_virtual_tokens=n, embeddings=embeddings.detach().clone())
