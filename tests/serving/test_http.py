@@ -324,6 +324,7 @@ def test_models_lists_base_and_experts(world: World) -> None:
         ("frequency_penalty", {"frequency_penalty": -2.5}),
         ("colour", {"extra_body": {"colour": "blue"}}),
         ("prompt", {"prompt": ""}),
+        ("prompt", {"prompt": ["two", "prompts"]}),
         ("response_format", {"extra_body": {"response_format": {"type": "json_schema"}}}),
     ],
 )
@@ -372,12 +373,13 @@ def test_api_key_protects_everything_but_health(world: World) -> None:
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
-    """A queue of one, and an engine that is not stepping: the second request finds the queue full."""
+    """A queue of one, and an engine that is not stepping: the second request finds the queue full. The
+    first one's client leaves while it waits: it is cancelled before it generates anything."""
     parts = build(tmp_path)
     engine = parts.engine(max_batch_size=1, max_queue=1)
     with running(create_app(engine, parts.registry, parts.tokenizer)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
-        body = {"model": "alpha", "prompt": "wait", "max_tokens": 2, "stream": True}
+        body = {"model": "alpha", "prompt": "wait", "max_tokens": 200, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30):
             deadline = time.monotonic() + 10
             while engine.stats().queue_depth < 1:
@@ -389,7 +391,8 @@ def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
             assert caught.value.body["code"] == "queue_full"
         engine.start()
         try:
-            wait_idle(engine)  # the cancelled request leaves the queue at the engine's next step
+            wait_idle(engine)  # the waiting request, whose client left, leaves the queue without a token
+            assert engine.stats().generated_tokens == 0
             assert client.completions.create(model="alpha", prompt="x", max_tokens=2).usage.completion_tokens == 2
         finally:
             engine.stop(abort_pending=True)

@@ -249,10 +249,7 @@ class _Server:
         fallback_level = tried.index(level) if level in tried else level  # 0: the model asked for
         reply = _Reply(self, request_id, body, expert.name if expert is not None else BASE, fallback_level, chat, start)
         if body.stream:
-            return StreamingResponse(
-                reply.stream(handle), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )  # fmt: skip
+            return _EventStream(reply, handle)
         return JSONResponse(await reply.collect(handle, request))
 
 
@@ -269,6 +266,7 @@ class _Reply:
         self.created = int(time.time())
         self.endpoint = "chat" if chat else "completions"
         self.first_token = True
+        self.finished = False  # the final event was sent
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
@@ -333,7 +331,6 @@ class _Reply:
 
     async def stream(self, handle: Any) -> AsyncIterator[str]:
         """SSE chunks. Cancelled (the client left) or failed, the request is cancelled in the engine."""
-        finished = False
         try:
             if self.chat:
                 yield self._chunk(None, None, role=True)
@@ -343,7 +340,7 @@ class _Reply:
                     yield self._chunk(event.text, None)
                 if event.finish_reason is None:
                     continue
-                finished = True
+                self.finished = True
                 if event.finish_reason == "error":
                     error = APIError(500, "the engine failed while generating this request", code="engine_error")
                     yield _sse(error.body())
@@ -355,9 +352,26 @@ class _Reply:
                 break
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client left (or the stream failed): its final event never comes here
+            if not self.finished:  # the client left, or the stream failed
                 handle.cancel()
-                self.server.metrics.requests.labels(self.expert, "abort").inc()
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response of one request. Whatever ends it (the client leaving, even before the first
+    chunk, or an error), a request whose final event was not sent is cancelled in the engine."""
+
+    def __init__(self, reply: _Reply, handle: Any) -> None:
+        super().__init__(reply.stream(handle), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        self.reply, self.handle = reply, handle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.reply.finished:  # its final event never reached the client
+                self.handle.cancel()
+                self.reply.server.metrics.requests.labels(self.reply.expert, "abort").inc()
 
 
 async def _cancel_on_disconnect(request: Request, handle: Any) -> None:
