@@ -5,15 +5,17 @@
     peftkit serve --experts experts/ &            # note its pid
     python scripts/load_test.py --clients 200 --duration 60 --server-pid $!
 
-Each client is a bounded loop (``--max-requests`` per client, and never past ``--duration``) of
-streaming chat (or ``--endpoint completions``) requests; client ``c``'s ``i``-th request goes to
-expert ``(c + i) mod len(experts)`` (default: every model ``/v1/models`` lists). A 429 is counted
-apart (it is the server shedding load as intended) and the client waits ``Retry-After`` before its
-next request. Every other failure (a status, a broken stream, a timeout) is an error.
+Each client is a bounded loop of streaming chat (or ``--endpoint completions``) requests: at most
+``--max-requests``, none started after ``--duration`` (the requests under way then finish: ``drain_s``).
+Client ``c``'s ``i``-th request goes to expert ``(c + i) mod len(experts)`` (default: every model
+``/v1/models`` lists). A 429 is counted apart (it is the server shedding load as intended) and the
+client waits ``Retry-After`` before its next request. Every other failure (a status, a broken stream,
+a timeout) is an error.
 
-Reports requests, errors by status, p50/p99 latency and time to first token, generated tokens/s,
-and the server's resident memory before and after: ``VmRSS`` of ``/proc/<--server-pid>/status``, or
-``process_resident_memory_bytes`` from ``/metrics``.
+Reports requests, errors by status, p50/p99 latency and time to first token, generated tokens/s
+(over the whole run, drain included), and the server's resident memory before and after: ``VmRSS``
+(and peak ``VmHWM``) of ``/proc/<--server-pid>/status``, or ``process_resident_memory_bytes`` from
+``/metrics``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import ipaddress
 import json
 import re
 import socket
-import statistics
 import sys
 import time
 from collections import Counter
@@ -153,6 +154,27 @@ async def run(args: argparse.Namespace, experts: list[str], headers: dict[str, s
         return results, time.perf_counter() - start
 
 
+def main_report(args: argparse.Namespace, results: Results, elapsed: float, experts: list[str]) -> dict[str, object]:
+    return {
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "drain_s": round(max(0.0, elapsed - args.duration), 1),
+        "experts": len(experts),
+        "max_tokens": args.max_tokens,
+        "requests_ok": results.ok,
+        "rejected_429": results.rejected,
+        "errors": dict(results.errors),
+        "latency_p50_s": round(percentile(results.latency, 0.5), 3),
+        "latency_p99_s": round(percentile(results.latency, 0.99), 3),
+        "ttft_p50_s": round(percentile(results.ttft, 0.5), 3),
+        "ttft_p99_s": round(percentile(results.ttft, 0.99), 3),
+        "generated_tokens": results.tokens,
+        "tokens_per_s": round(results.tokens / elapsed, 1),
+        "requests_per_s": round(results.ok / elapsed, 2),
+        "requests_per_expert": dict(sorted(results.per_expert.items())),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
@@ -183,21 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     results, elapsed = asyncio.run(run(args, experts, headers))
     after = server_rss(args.server_pid, args.url, headers)
     report = {
-        "clients": args.clients,
-        "duration_s": round(elapsed, 1),
-        "experts": len(experts),
-        "max_tokens": args.max_tokens,
-        "requests_ok": results.ok,
-        "rejected_429": results.rejected,
-        "errors": dict(results.errors),
-        "latency_p50_s": round(percentile(results.latency, 0.5), 3),
-        "latency_p99_s": round(percentile(results.latency, 0.99), 3),
-        "ttft_p50_s": round(percentile(results.ttft, 0.5), 3),
-        "ttft_p99_s": round(percentile(results.ttft, 0.99), 3),
-        "latency_mean_s": round(statistics.fmean(results.latency), 3) if results.latency else None,
-        "generated_tokens": results.tokens,
-        "tokens_per_s": round(results.tokens / elapsed, 1),
-        "requests_per_s": round(results.ok / elapsed, 2),
+        **main_report(args, results, elapsed, experts),
         "server_memory_mib_before": before,
         "server_memory_mib_after": after,
     }
