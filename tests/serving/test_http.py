@@ -537,3 +537,32 @@ def test_smollm2_chat_through_the_server(tmp_path: Path) -> None:
     assert reply.choices[0].message.content == DecodingSession(peft.eval(), tokenizer, settings).generate(ids)
     with peft.disable_adapter():
         assert base_text == DecodingSession(peft, tokenizer, settings).generate(ids)
+
+
+def test_load_test_script_against_the_server(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scripts/load_test.py``: loopback only; its counts agree with the server's."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("load_test", Path(__file__).parents[2] / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "load_test", load_test)  # its dataclass looks its module up
+    spec.loader.exec_module(load_test)
+    with pytest.raises(SystemExit, match="loopback"):
+        load_test.main(["--url", "http://192.0.2.1:9", "--duration", "1"])
+    out = tmp_path / "report.json"
+    before = world.metrics()
+    code = load_test.main(["--url", world.url, "--clients", "6", "--duration", "2", "--max-requests", "3",
+                           "--max-tokens", "3", "--api-key", KEY, "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 0 and report["errors"] == {} and report["rejected_429"] == 0
+    assert 6 <= report["requests_ok"] == sum(report["requests_per_expert"].values()) <= 18
+    assert set(report["requests_per_expert"]) <= {"base", *EXPERTS}
+    assert report["generated_tokens"] == 3 * report["requests_ok"]  # this model never stops early
+
+    def answered(text: str) -> float:
+        return sum(map(float, re.findall(r'^peftkit_requests_total{expert="[^"]+",finish_reason="length"} (\S+)$',
+                                         text, re.M)))  # fmt: skip
+
+    assert answered(world.metrics()) - answered(before) == report["requests_ok"]
+    assert report["server_memory_mib_after"]["rss"] > 0
