@@ -35,12 +35,8 @@ from torch import nn
 
 from peftkit.serving.kv_batch import KVBatch, check_model_cache, prefill
 from peftkit.serving.prefix_store import PrefixStore, lora_routing
+from peftkit.serving.sampling import RowSampler, choose_tokens
 from peftkit.serving.types import FinishReason, PromptTooLong, QueueFull, ServeRequest, TokenEvent, Usage
-
-try:  # the full sampler (penalties, grammar, incremental detokenization) once it is merged
-    from peftkit.serving.sampling import RowSampler, choose_tokens
-except ImportError:  # pragma: no cover - depends on the branch
-    from peftkit.serving._basic_sampler import RowSampler, choose_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -273,14 +269,18 @@ class Engine:
 
     def _admit(self, rows: list[_Row]) -> int:
         """Prefill ``rows`` together, choose their first tokens, and add the unfinished ones to the batch."""
-        ready, prefixes = [], []
-        for row in rows:
-            try:
-                prefixes.append(self.prefix_store.get(row.request.expert))
-                ready.append(row)
-            except Exception:
-                logger.exception("request %s: computing its expert's prefix failed", row.request.request_id)
-                self._end(row, "error")
+        try:
+            prefixes = self.prefix_store.get_many([row.request.expert for row in rows])
+            ready = rows
+        except Exception:  # find the experts that fail, serve the others
+            ready, prefixes = [], []
+            for row in rows:
+                try:
+                    prefixes.append(self.prefix_store.get(row.request.expert))
+                    ready.append(row)
+                except Exception:
+                    logger.exception("request %s: computing its expert's prefix failed", row.request.request_id)
+                    self._end(row, "error")
         if not ready:
             return 0
         try:

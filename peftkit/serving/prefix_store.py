@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
 
 from peftkit.models.fast_linear import frozen_linear_on_onednn
 from peftkit.serving.types import ServedExpert, SoftPrompt
@@ -82,20 +85,37 @@ class PrefixStore:
 
     def get(self, expert: ServedExpert | None) -> CachedPrefix | None:
         """The expert's cached prefix (computed now if missing); ``None`` for no soft prompt."""
-        if expert is None or expert.soft_prompt is None:
-            return None
-        key = prefix_key(expert)
+        return self.get_many([expert])[0]
+
+    def get_many(self, experts: Sequence[ServedExpert | None]) -> list[CachedPrefix | None]:
+        """Each expert's prefix (``None`` where there is no soft prompt); the missing ones are computed
+        together, the prompt-tuning ones in one batched forward."""
+        found: list[CachedPrefix | None] = [None] * len(experts)
+        missing: dict[PrefixKey, list[int]] = {}
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry
-            self.misses += 1
-        entry = self.compute(expert)
-        with self._lock:
-            self._insert(key, entry)
-        return entry
+            for i, expert in enumerate(experts):
+                if expert is None or expert.soft_prompt is None:
+                    continue
+                key = prefix_key(expert)
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    found[i] = entry
+                elif key in missing:
+                    self.hits += 1  # computed once for every row that asks
+                    missing[key].append(i)
+                else:
+                    self.misses += 1
+                    missing[key] = [i]
+        if missing:
+            computed = self.compute_many([experts[rows[0]] for rows in missing.values()])
+            with self._lock:
+                for (key, rows), entry in zip(missing.items(), computed, strict=True):
+                    self._insert(key, entry)
+                    for i in rows:
+                        found[i] = entry
+        return found
 
     def forget(self, name: str) -> int:
         """Drop every cached version of expert ``name``; returns how many entries went."""
@@ -121,43 +141,64 @@ class PrefixStore:
         self._entries[key] = entry
         self.nbytes += entry.nbytes
 
-    @torch.no_grad()
     def compute(self, expert: ServedExpert) -> CachedPrefix:
         """The expert's virtual-token states, computed now (nothing is cached)."""
-        prompt = expert.soft_prompt
-        if prompt is None:
-            raise ValueError(f"expert {expert.name!r} has no soft prompt")
-        param = next(self.model.parameters())
-        if prompt.kind == "prefix":
-            if prompt.key_values is None:
-                raise ValueError(f"expert {expert.name!r}: a prefix soft prompt needs key_values")
-            layers = tuple(
-                (k.to(param.device, param.dtype).unsqueeze(0), v.to(param.device, param.dtype).unsqueeze(0))
-                for k, v in prompt.key_values
-            )
-            return CachedPrefix(layers, prompt.num_virtual_tokens)
-        if prompt.kind != "prompt" or prompt.embeddings is None:
-            raise ValueError(f"expert {expert.name!r}: soft prompt kind {prompt.kind!r} without embeddings")
-        return CachedPrefix(self._encode(prompt, expert), prompt.num_virtual_tokens)
+        return self.compute_many([expert])[0]
 
-    def _encode(self, prompt: SoftPrompt, expert: ServedExpert) -> tuple[tuple[Tensor, Tensor], ...]:
-        """Run the frozen model on the ``n`` virtual embeddings alone (positions ``0 .. n-1``)."""
+    @torch.no_grad()
+    def compute_many(self, experts: Sequence[ServedExpert]) -> list[CachedPrefix]:
+        """The experts' virtual-token states, computed now (nothing is cached)."""
         param = next(self.model.parameters())
-        embeds = prompt.embeddings.to(param.device, param.dtype).unsqueeze(0)  # (1, n, D)
-        n = embeds.shape[1]
-        from peftkit.models.cache import growing_prefix_cache
+        out: list[CachedPrefix | None] = [None] * len(experts)
+        prompts = []
+        for i, expert in enumerate(experts):
+            prompt = expert.soft_prompt
+            if prompt is None:
+                raise ValueError(f"expert {expert.name!r} has no soft prompt")
+            if prompt.kind == "prefix":
+                if prompt.key_values is None:
+                    raise ValueError(f"expert {expert.name!r}: a prefix soft prompt needs key_values")
+                layers = tuple(
+                    (k.to(param.device, param.dtype).unsqueeze(0), v.to(param.device, param.dtype).unsqueeze(0))
+                    for k, v in prompt.key_values
+                )
+                out[i] = CachedPrefix(layers, prompt.num_virtual_tokens)
+            elif prompt.kind == "prompt" and prompt.embeddings is not None:
+                prompts.append(i)
+            else:
+                raise ValueError(f"expert {expert.name!r}: soft prompt kind {prompt.kind!r} without embeddings")
+        if prompts:
+            encoded = self._encode([experts[i] for i in prompts])
+            for i, layers in zip(prompts, encoded, strict=True):
+                out[i] = CachedPrefix(layers, experts[i].soft_prompt.num_virtual_tokens)
+        return out
 
-        cache = growing_prefix_cache(None, self.model.config)
-        with lora_routing(self.lora_bank, [expert], param.device), frozen_linear_on_onednn(embeds):
+    def _encode(self, experts: Sequence[ServedExpert]) -> list[tuple[tuple[Tensor, Tensor], ...]]:
+        """Run the frozen model on each expert's ``n`` virtual embeddings alone (positions ``0 .. n-1``),
+        all experts in one forward (left-padded to the longest prompt)."""
+        param = next(self.model.parameters())
+        embeddings = [e.soft_prompt.embeddings.to(param.device, param.dtype) for e in experts]  # each (n_i, D)
+        counts = [x.shape[0] for x in embeddings]
+        width = max(counts)
+        embeds = torch.stack([F.pad(x, (0, 0, width - x.shape[0], 0)) for x in embeddings])  # (B, N, D)
+        mask = torch.stack([F.pad(torch.ones(n, dtype=torch.long), (width - n, 0)) for n in counts]).to(param.device)
+        cache = DynamicCache(config=self.model.config)
+        with lora_routing(self.lora_bank, list(experts), param.device), frozen_linear_on_onednn(embeds):
             self.model(
                 inputs_embeds=embeds,
-                attention_mask=torch.ones(1, n, dtype=torch.long, device=param.device),
-                position_ids=torch.arange(n, device=param.device).unsqueeze(0),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp_min(0),
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        return tuple((layer.keys, layer.values) for layer in cache.layers)
+        return [
+            tuple(
+                (layer.keys[i : i + 1, :, width - n :].clone(), layer.values[i : i + 1, :, width - n :].clone())
+                for layer in cache.layers
+            )
+            for i, n in enumerate(counts)
+        ]
 
 
 def lora_routing(lora_bank: Any, experts: list[ServedExpert | None], device: torch.device) -> Any:

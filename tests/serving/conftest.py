@@ -29,7 +29,7 @@ class TinyTokenizer:
     eos_token_id = 2
     bos_token_id = 1
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
         return "".join("" if (skip_special_tokens and i < 3) else chr(0x41 + (int(i) - 3) % 58) for i in ids)
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:

@@ -113,6 +113,34 @@ def test_seeded_samples_do_not_depend_on_the_batch(served):
     assert handle.result().token_ids != greedy  # it did sample
 
 
+def test_each_row_decodes_with_its_own_settings(served):
+    """Penalised greedy rows equal ``generate`` alone with the same settings; seeded sampled rows equal
+    themselves alone; all in one batch with different settings."""
+    generator = torch.Generator().manual_seed(11)
+    plan = [
+        ("pt4", DecodingSettings(max_new_tokens=9, repetition_penalty=1.5)),
+        (None, DecodingSettings(max_new_tokens=7, presence_penalty=1.5, frequency_penalty=0.5)),
+        ("px5", DecodingSettings(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)),
+        ("pt7", DecodingSettings(max_new_tokens=6, temperature=1.3, top_k=10, min_p=0.05, seed=4)),
+        ("px3", DecodingSettings(max_new_tokens=10)),
+    ]
+    requests = [request(served, f"r{i}", e, random_prompt(generator, 2 + 3 * i), st) for i, (e, st) in enumerate(plan)]
+    engine = Engine(served.base, served.tokenizer)
+    handles = [engine.submit(r) for r in requests]
+    engine.run_until_idle()
+    for (expert, settings), req, handle in zip(plan, requests, handles, strict=True):
+        got = handle.result().token_ids
+        if settings.do_sample:
+            alone = Engine(served.base, served.tokenizer)
+            expected = alone.submit(req)
+            alone.run_until_idle()
+            assert got == expected.result().token_ids
+        else:
+            assert got == generate_alone(served, expert, req.prompt_ids, settings)
+    plain = generate_alone(served, "pt4", requests[0].prompt_ids, DecodingSettings(max_new_tokens=9))
+    assert handles[0].result().token_ids != plain  # the penalty did act
+
+
 def test_a_row_ending_at_eos_leaves_at_once(served):
     """The end-of-sequence token ends a row (``stop``) while the others go on, unchanged."""
     generator = torch.Generator().manual_seed(2)
@@ -301,3 +329,50 @@ def test_mixed_experts_equal_generate_alone_on_smollm2():
         assert len(result.token_ids) == len(new) or result.token_ids[-1] == eos
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
     assert engine.stats().finished_requests == 4
+
+
+def test_lora_experts_with_and_without_a_soft_prompt(served):
+    """Rows with their own LoRA (from the bank), a soft prompt over a LoRA, a soft prompt alone and the base
+    model, in one batch: each equals ``generate`` alone on the model with that LoRA merged (HF PEFT's merge)."""
+    from peftkit.serving.lora_bank import LoraBank
+    from tests.serving.test_lora_bank import peft_adapter
+
+    adapters = {name: peft_adapter(served.base, name, seed) for seed, name in enumerate(["qv2", "all8"])}
+    bank = LoraBank(served.base)  # after the copies: a bank's hooks do not deep-copy
+    merged = {}
+    try:
+        for name, (config, state, peft_model) in adapters.items():
+            merged[name] = (bank.add(name, config, state), peft_model.merge_and_unload())
+        experts = {
+            "qv2": ServedExpert("qv2", 1, lora="qv2", lora_version=merged["qv2"][0]),
+            "pt4+all8": dataclasses.replace(
+                served.experts["pt4"], name="pt4+all8", lora="all8", lora_version=merged["all8"][0]
+            ),
+            "pt7": served.experts["pt7"],
+            "base": None,
+        }
+        generator = torch.Generator().manual_seed(12)
+        prompts = {name: random_prompt(generator, 3 + 2 * i) for i, name in enumerate(experts)}
+        engine = Engine(served.base, served.tokenizer, lora_bank=bank)
+        handles = {}
+        for name, expert in experts.items():
+            handles[name] = engine.submit(ServeRequest(name, prompts[name], expert, GREEDY))
+            engine.step()
+        engine.run_until_idle()
+        results = {name: handle.result().token_ids for name, handle in handles.items()}
+    finally:
+        bank.close()
+
+    def oracle(model, adapter, prompt):
+        peft_model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=4), adapter_name="pt4")
+        with torch.no_grad():
+            peft_model.prompt_encoder["pt4"].embedding.weight.copy_(served.peft.prompt_encoder["pt4"].embedding.weight)
+        wrapped = dataclasses.replace(served, peft=peft_model)
+        return generate_alone(wrapped, adapter, prompt, GREEDY)
+
+    assert results["qv2"] == oracle(merged["qv2"][1], None, prompts["qv2"])
+    assert results["pt4+all8"] == oracle(merged["all8"][1], "pt4", prompts["pt4+all8"])
+    assert results["pt7"] == generate_alone(served, "pt7", prompts["pt7"], GREEDY)
+    assert results["base"] == generate_alone(served, None, prompts["base"], GREEDY)
+    assert results["pt4+all8"] != oracle(served.base, "pt4", prompts["pt4+all8"])  # the LoRAs did act
+    assert results["qv2"] != generate_alone(served, None, prompts["qv2"], GREEDY)

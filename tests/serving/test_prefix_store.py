@@ -105,6 +105,22 @@ def test_a_new_version_never_serves_stale_states(served):
     assert relabelled not in store  # a LoRA under the prompt is another key
 
 
+def test_missing_prompts_are_computed_together_as_each_alone(served):
+    experts = [served.experts[name] for name in ("pt7", "px3", "pt4", "pt7")]
+    calls, hook = count_forwards(served.base)
+    together = PrefixStore(served.base, max_bytes=10**8).get_many([*experts, None])
+    hook.remove()
+    assert len(calls) == 1  # pt7 and pt4 in one forward (left-padded), px3 needs none
+    assert together[0] is together[3]
+    assert together[4] is None
+    for expert, got in zip(experts, together, strict=False):
+        alone = PrefixStore(served.base, max_bytes=10**8).get(expert)
+        for (k, v), (k_alone, v_alone) in zip(got.key_values, alone.key_values, strict=True):
+            assert k.shape == k_alone.shape == (1, 2, expert.soft_prompt.num_virtual_tokens, 8)
+            torch.testing.assert_close(k, k_alone, atol=1e-6, rtol=0)
+            torch.testing.assert_close(v, v_alone, atol=1e-6, rtol=0)
+
+
 def test_lru_bounded_by_bytes(served):
     one = PrefixStore(served.base, max_bytes=10**8).get(served.experts["pt4"]).nbytes
     assert one == 2 * 2 * (1 * 2 * 4 * 8) * 4  # layers * (K, V) * (1, H_kv, n, d) * fp32
