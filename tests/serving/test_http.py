@@ -438,7 +438,7 @@ def test_admin_refuses_paths_outside_the_experts_folder(world: World, tmp_path: 
         assert response.status_code in (400, 403, 404), path
         assert response.json()["error"]["param"] == "path"
     assert {m.id for m in world.client().models.list()} == {"base", *EXPERTS}
-    for name in ["../model", "/etc/passwd", "alpha/../../model"]:  # nor may a request's model name
+    for name in ["../model", "/etc/passwd", "alpha/../../model", "..", ".", "a\x00b", "~"]:  # nor a model name
         with pytest.raises(openai.NotFoundError):
             world.client().completions.create(model=name, prompt="x", max_tokens=1)
 

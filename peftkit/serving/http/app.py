@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from peftkit.decoding import DECODING_FIELDS, DecodingSettings, resolve_decoding
+from peftkit.decoding import DecodingSettings, resolve_decoding
 from peftkit.serving.http.errors import APIError, from_serving_error, install_error_handlers
 from peftkit.serving.http.metrics import ServerMetrics
 from peftkit.serving.http.schemas import (
@@ -193,10 +193,6 @@ class _Server:
         """The expert's manifest settings, with each field the request gives layered over them."""
         settings = expert.decoding if expert is not None else DecodingSettings()
         for name, field, value in body.decoding_values():
-            if field not in DECODING_FIELDS:
-                if value in (0, 0.0):
-                    continue  # an unsupported penalty at its neutral value changes nothing
-                raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")
             try:
                 settings, _ = resolve_decoding((name, {field: value}), base=settings)
             except ValueError as exc:
