@@ -183,9 +183,10 @@ class _Server:
                             "root": self.served_name, "parent": self.served_name, **info})  # fmt: skip
         return entries
 
-    def resolve(self, body: GenerationRequest) -> tuple[ServedExpert | None, str]:
+    async def resolve(self, body: GenerationRequest) -> tuple[ServedExpert | None, str]:
+        """The expert that serves ``body`` (in a worker thread: an expert not loaded is read from disk)."""
         try:
-            return self.registry.resolve(body.model, list(body.fallback))
+            return await run_in_threadpool(self.registry.resolve, body.model, list(body.fallback))
         except UnknownExpert as exc:
             raise from_serving_error(exc, param="model") from None
 
@@ -230,7 +231,7 @@ class _Server:
 
     async def generate(self, body: GenerationRequest, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
-        expert, level = self.resolve(body)
+        expert, level = await self.resolve(body)
         settings = self.settings(body, expert)
         ids = self.prompt_ids(body, chat)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
