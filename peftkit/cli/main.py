@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     from peftkit.bench.cli import add_bench_parser
 
     add_bench_parser(commands)
+
+    from peftkit.cli.serve import add_parser as add_serve_parser
+
+    add_serve_parser(commands)
     return parser
 
 
@@ -115,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from peftkit.bench.cli import run_bench
 
             return run_bench(args, console)
+        elif args.command == "serve":
+            from peftkit.cli.serve import run_serve
+
+            return run_serve(args, console)
         else:
             from peftkit.cli import experts
 
