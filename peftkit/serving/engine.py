@@ -136,9 +136,13 @@ class EngineStats:
     tokens_per_second: float
     finished_requests: int
     requests_by_expert: dict[str, int] = field(default_factory=dict)
+    prefix_hits: int = 0
+    """Requests whose expert's virtual-token states were already cached."""
+    prefix_misses: int = 0
+    prefix_bytes: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # rows compare by identity
 class _Row:
     request: ServeRequest
     handle: RequestHandle
@@ -247,11 +251,13 @@ class Engine:
         Returns the number of tokens generated.
         """
         with self._step_lock:
-            cancelled = [i for i, row in enumerate(self._running) if row.handle.cancelled]
-            if cancelled:  # first, so that their slots go to waiting requests in this same step
-                for i in cancelled:
-                    self._end(self._running[i], "abort")
-                self._keep(sorted(set(range(len(self._running))) - set(cancelled)))
+            # first, so that their slots go to waiting requests in this same step
+            ended = {i: self._ended(row) for i, row in enumerate(self._running)}
+            ended = {i: reason for i, reason in ended.items() if reason is not None}
+            if ended:
+                for i, reason in ended.items():
+                    self._end(self._running[i], reason)
+                self._keep(sorted(set(range(len(self._running))) - set(ended)))
             with self._lock:
                 aborted = [row for row in self._waiting if row.handle.cancelled]
                 for row in aborted:
@@ -267,8 +273,27 @@ class Engine:
             self._count(generated)
             return generated
 
+    def _ended(self, row: _Row) -> FinishReason | None:
+        """Why a row must leave before its next token: cancelled (``abort``), or its LoRA was removed or
+        replaced in the bank since it was submitted (``error``: it would get another LoRA's weights)."""
+        if row.handle.cancelled:
+            return "abort"
+        expert = row.request.expert
+        if expert is None or expert.lora is None or self.lora_bank is None:
+            return None
+        if expert.lora not in self.lora_bank or self.lora_bank.version(expert.lora) != expert.lora_version:
+            logger.warning("request %s: LoRA %r changed or went away while it ran", row.request.request_id, expert.lora)
+            return "error"
+        return None
+
     def _admit(self, rows: list[_Row]) -> int:
         """Prefill ``rows`` together, choose their first tokens, and add the unfinished ones to the batch."""
+        stale = [row for row in rows if self._ended(row) is not None]
+        for row in stale:
+            self._end(row, self._ended(row))
+        rows = [row for row in rows if row not in stale]
+        if not rows:
+            return 0
         try:
             prefixes = self.prefix_store.get_many([row.request.expert for row in rows])
             ready = rows
@@ -422,6 +447,9 @@ class Engine:
             tokens_per_second=rate,
             finished_requests=self._finished,
             requests_by_expert=dict(self._by_expert),
+            prefix_hits=self.prefix_store.hits,
+            prefix_misses=self.prefix_store.misses,
+            prefix_bytes=self.prefix_store.nbytes,
         )
 
 

@@ -267,6 +267,7 @@ def test_background_thread_and_async_streaming(served):
     assert stats.generated_tokens == 24
     assert stats.finished_requests == 3
     assert stats.requests_by_expert == {"pt4": 1, "base": 1, "px5": 1}
+    assert (stats.prefix_hits, stats.prefix_misses) == (0, 2)
     assert stats.tokens_per_second > 0
 
 
@@ -376,3 +377,29 @@ def test_lora_experts_with_and_without_a_soft_prompt(served):
     assert results["base"] == generate_alone(served, None, prompts["base"], GREEDY)
     assert results["pt4+all8"] != oracle(served.base, "pt4", prompts["pt4+all8"])  # the LoRAs did act
     assert results["qv2"] != generate_alone(served, None, prompts["qv2"], GREEDY)
+
+
+def test_a_row_whose_lora_is_removed_ends_with_an_error_and_the_others_go_on(served):
+    from peftkit.serving.lora_bank import LoraBank
+    from tests.serving.test_lora_bank import peft_adapter
+
+    config, state, _ = peft_adapter(served.base, "qv2", 0)
+    bank = LoraBank(served.base)
+    try:
+        expert = ServedExpert("qv2", 1, lora="qv2", lora_version=bank.add("qv2", config, state))
+        engine = Engine(served.base, served.tokenizer, lora_bank=bank)
+        lora_row = engine.submit(ServeRequest("lora", [5, 6, 7], expert, GREEDY))
+        base_row = engine.submit(request(served, "base", None, [8, 9]))
+        engine.step()
+        bank.remove("qv2")  # the registry unloads it while the request runs
+        engine.step()
+        assert engine.stats().running == 1
+        assert lora_row.result(timeout=1).finish_reason == "error"
+        assert len(lora_row.result().token_ids) == 2
+        late = engine.submit(ServeRequest("late", [5], expert, GREEDY))
+        engine.run_until_idle()
+        assert late.result(timeout=1).finish_reason == "error"
+        assert late.result().token_ids == []
+        assert base_row.result().token_ids == generate_alone(served, None, [8, 9], GREEDY)
+    finally:
+        bank.close()
