@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from peftkit import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from peftkit.decoding import DecodingSettings
+from peftkit.decoding import DecodingSettings, Grammar
 from peftkit.models.loading import load_base
 from peftkit.serving.engine import Engine
 from peftkit.serving.prefix_store import soft_prompt_of
@@ -302,16 +303,24 @@ def test_mixed_experts_equal_generate_alone_on_smollm2():
     with torch.no_grad():  # a random prefix of N(0, 1) keys would drown the model: keep it small
         peft.prompt_encoder["prefix"].embedding.weight.mul_(0.1)
     experts = {n: ServedExpert(n, 1, soft_prompt=soft_prompt_of(peft.prompt_encoder[n])) for n in names}
-    questions = ["What is the capital of France?", "Name a primary colour.", "Why is the sky blue?", "What is 2+2?"]
-    plan = list(zip(["brief", "pirate", None, "prefix"], questions, [16, 12, 20, 10], strict=True))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    plan = [
+        ("brief", "What is the capital of France?", DecodingSettings(max_new_tokens=16)),
+        ("pirate", "Name a primary colour.", DecodingSettings(max_new_tokens=12, repetition_penalty=1.3)),
+        (None, "Why is the sky blue?", DecodingSettings(max_new_tokens=20)),
+        ("prefix", "What is 2+2?", DecodingSettings(max_new_tokens=10)),
+        (
+            "brief",
+            "Which city is the capital of Italy? Answer in JSON.",
+            DecodingSettings(max_new_tokens=14, grammar=Grammar(json_schema=schema)),
+        ),
+    ]
     engine = Engine(model, tokenizer)
     requests, handles = [], []
-    for i, (expert, question, budget) in enumerate(plan):
+    for i, (expert, question, settings) in enumerate(plan):
         messages = [{"role": "user", "content": question}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        request = ServeRequest(
-            f"r{i}", list(ids["input_ids"]), experts.get(expert), DecodingSettings(max_new_tokens=budget)
-        )
+        request = ServeRequest(f"r{i}", list(ids["input_ids"]), experts.get(expert), settings)
         requests.append(request)
         handles.append(engine.submit(request))
         engine.step()  # staggered: each request joins a running batch
@@ -321,15 +330,17 @@ def test_mixed_experts_equal_generate_alone_on_smollm2():
         ids = torch.tensor([request.prompt_ids])
         if expert is None:
             with peft.disable_adapter():
-                out = peft.generate(input_ids=ids, decoding=request.settings)
+                out = peft.generate(input_ids=ids, decoding=request.settings, tokenizer=tokenizer)
         else:
-            out = peft.generate(input_ids=ids, decoding=request.settings, adapter_names=[expert])
+            out = peft.generate(input_ids=ids, decoding=request.settings, adapter_names=[expert], tokenizer=tokenizer)
         new = out[0, ids.shape[1] :].tolist()
         result = handle.result(timeout=1)
         assert result.token_ids == new[: len(result.token_ids)]
-        assert len(result.token_ids) == len(new) or result.token_ids[-1] == eos
+        assert set(new[len(result.token_ids) :]) <= {eos}  # generate pads with eos after the end
+        assert len(result.token_ids) == len(new) or result.token_ids[-1] == eos or request.settings.grammar
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    assert engine.stats().finished_requests == 4
+    assert json.loads(handles[-1].result().text)["city"]  # the grammar held in the batch
+    assert engine.stats().finished_requests == len(plan)
 
 
 def test_lora_experts_with_and_without_a_soft_prompt(served):
