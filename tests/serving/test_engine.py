@@ -15,7 +15,8 @@ from peftkit.models.loading import load_base
 from peftkit.serving.engine import Engine
 from peftkit.serving.prefix_store import soft_prompt_of
 from peftkit.serving.types import PromptTooLong, QueueFull, ServedExpert, ServeRequest
-from tests.serving.conftest import generate_alone, random_prompt
+from tests.conftest import tiny_model
+from tests.serving.conftest import build_served, generate_alone, random_prompt
 
 GREEDY = DecodingSettings(max_new_tokens=8)
 
@@ -52,6 +53,28 @@ def test_mixed_staggered_batch_equals_generate_alone(served):
         assert result.finish_reason == "length"
         assert result.usage.completion_tokens == len(result.token_ids)
         assert result.text == served.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_other_architectures(arch):
+    """Qwen2 (one key/value head, attention biases) and GPT-2 (learned absolute positions)."""
+    served = build_served(arch=arch)
+    generator = torch.Generator().manual_seed(0)
+    plan = [("pt4", 5), (None, 3), ("px3", 9), ("pt7", 2), ("px5", 6)]
+    engine = Engine(served.base, served.tokenizer, max_batch_size=3)
+    requests = [request(served, f"r{i}", e, random_prompt(generator, n)) for i, (e, n) in enumerate(plan)]
+    handles = []
+    for req in requests:
+        handles.append(engine.submit(req))
+        engine.step()
+    engine.run_until_idle()
+    for (expert, _), req, handle in zip(plan, requests, handles, strict=True):
+        assert handle.result().token_ids == generate_alone(served, expert, req.prompt_ids, GREEDY)
+
+
+def test_sliding_window_models_are_refused():
+    with pytest.raises(NotImplementedError, match="full-attention layers"):
+        Engine(tiny_model("gemma3"), None)
 
 
 def test_every_steps_logits_match_generate_alone(served, monkeypatch):
