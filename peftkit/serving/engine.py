@@ -216,6 +216,8 @@ class Engine:
             PromptTooLong: virtual tokens + prompt + ``max_new_tokens`` exceed ``max_model_len``.
             QueueFull: ``max_queue`` requests are already waiting.
         """
+        if len(self._waiting) >= self.max_queue:  # before any work (a grammar compiles below); checked again
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)", retry_after=1.0)
         ids = [int(i) for i in request.prompt_ids]
         if not ids:
             raise ValueError("prompt_ids is empty: there is nothing to continue from")
