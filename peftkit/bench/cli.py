@@ -1,4 +1,4 @@
-"""``peftkit bench personas | many-experts``: argument parsing (the work is in the bench modules)."""
+"""``peftkit bench personas | many-experts | serve``: argument parsing (the work is in the bench modules)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ def add_bench_parser(commands: Any) -> None:
     """Register ``bench`` and its two actions on the top-level subparsers."""
     from peftkit.bench.many_experts import ManyExpertsSettings
     from peftkit.bench.persona_table import PersonaBenchSettings
+    from peftkit.bench.serve import ServeBenchSettings
 
     bench = commands.add_parser("bench", help="benchmarks: the persona table, many experts vs one at a time")
     actions = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -22,6 +23,8 @@ def add_bench_parser(commands: Any) -> None:
     _add_fields(personas, PersonaBenchSettings)
     many = actions.add_parser("many-experts", help="one bank of persona prompts vs HF PEFT one persona at a time")
     _add_fields(many, ManyExpertsSettings)
+    serve = actions.add_parser("serve", help="the serving engine vs HF PEFT one adapter at a time vs the bare model")
+    _add_fields(serve, ServeBenchSettings)
 
 
 def _add_fields(parser: argparse.ArgumentParser, settings: type) -> None:
@@ -47,6 +50,10 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
         chosen = _chosen(args, PersonaBenchSettings)
         settings = PersonaBenchSettings(**((QUICK if args.quick else {}) | chosen))
         run_persona_bench(settings, console)
+    elif args.bench_command == "serve":
+        from peftkit.bench.serve import ServeBenchSettings, run_serve_bench
+
+        run_serve_bench(ServeBenchSettings(**_chosen(args, ServeBenchSettings)), console)
     else:
         run_many_experts(ManyExpertsSettings(**_chosen(args, ManyExpertsSettings)), console)
     return 0

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     experts.add_parsers(commands)
 
+    from peftkit.cli import export
+
+    export.add_parser(commands)
+
     from peftkit.bench.cli import add_bench_parser
 
     add_bench_parser(commands)
@@ -103,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args, console)
         elif args.command == "models":
             return _models(args, console)
+        elif args.command == "export":
+            from peftkit.cli import export
+
+            return export.run(args, console)
         elif args.command == "bench":
             from peftkit.bench.cli import run_bench
 

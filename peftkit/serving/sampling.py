@@ -7,9 +7,11 @@
                ─► argmax (temperature 0) or a sample from this row's own generator
 
 The transforms are :meth:`DecodingSettings.processors <peftkit.decoding.DecodingSettings.processors>`,
-the ones ``generate`` and the streaming session apply, so a greedy row equals ``generate`` alone and a
-seeded row draws the same samples as ``generate(seed=...)`` on that row alone, whatever else is in
-the batch: each row has its own ``torch.Generator``.
+the ones ``generate`` and the streaming session apply, so a greedy row equals ``generate`` alone. The
+sampling warpers keep Hugging Face's definitions but skip its full-vocabulary sort
+(:meth:`RowSampler.distribution`), and a row draws with one uniform from its own ``torch.Generator``
+(inverse CDF), so a seeded row's samples do not depend on what else is in the batch (they are not
+``generate(seed=...)``'s draws, which use ``torch.multinomial`` over the whole vocabulary).
 
 Text is detokenized incrementally (as TGI and vLLM do): each step decodes a short window of recent
 tokens and releases only text that no later token can change (never a trailing incomplete UTF-8
@@ -85,7 +87,8 @@ class RowSampler:
         self._matcher = None
         if settings.grammar is not None:
             self._matcher = compiled_grammar(settings.grammar, tokenizer, vocab_size).matcher()
-        self._processors = settings.processors(
+        # Penalties and the grammar mask: generate's processors (a greedy copy: no sampling warpers).
+        self._processors = settings.model_copy(update={"temperature": 0.0}).processors(
             [self._mask] if self._matcher is not None else [], prompt_length=self.prompt_length
         )
         self.plain_greedy = not settings.do_sample and not settings.has_penalties and self._matcher is None
@@ -109,12 +112,57 @@ class RowSampler:
             return int(logits.argmax())
         length = self.prompt_length + len(self.generated)
         sequence = self._ids[:, :length].to(logits.device)
-        scores = self._processors(sequence, logits.float()[None])  # (1, V)
+        scores = self._processors(sequence, logits.float()[None])[0]  # (V,)
         if not self.settings.do_sample:
-            return int(scores[0].argmax())
+            return int(scores.argmax())
+        indices, probs = self.distribution(scores)
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(self.seed)
-        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self._generator))
+        cdf = probs.double().cumsum(0)
+        u = torch.rand((), generator=self._generator, device=logits.device, dtype=torch.float64) * cdf[-1]
+        i = int(torch.searchsorted(cdf, u[None], right=True).clamp(max=cdf.numel() - 1))
+        return int(indices[i])
+
+    def distribution(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """The sampling distribution of ``scores`` ``(V,)`` (after penalties and grammar): the tokens
+        that temperature, top-k, top-p and min-p keep, ``(m,)``, and their probabilities (not
+        renormalised).
+
+        Hugging Face's warpers (what ``generate`` applies) sort the whole vocabulary for top-p: about
+        8 ms a row at V = 49,152 on one core. This computes the same set from a partial top-k that
+        grows until it covers ``top_p`` of the mass. Tokens tied with the k-th at top-k are dropped
+        (Hugging Face keeps them); float rounding may differ at a top-p boundary.
+        """
+        s = self.settings
+        scores = scores / s.temperature if s.temperature != 1.0 else scores
+        vocab = scores.numel()
+        values = indices = None
+        if 0 < s.top_k < vocab:
+            values, indices = scores.topk(s.top_k)  # sorted, descending
+            log_z = torch.logsumexp(values, 0)
+        else:
+            log_z = torch.logsumexp(scores, 0)
+            if s.top_p < 1.0:  # a partial top-k covering top_p of the mass holds the whole nucleus
+                k = min(64, vocab)
+                while True:
+                    values, indices = scores.topk(k)
+                    if k == vocab or float((values - log_z).exp().sum()) >= s.top_p + 1e-6:
+                        break
+                    k = min(k * 8, vocab)
+        if values is None or indices is None:  # no top-k, no top-p: the whole vocabulary
+            probs = (scores - log_z).exp()
+            if s.min_p > 0:
+                indices = (probs >= s.min_p * probs.max()).nonzero().squeeze(1)
+                return indices, probs[indices]
+            return torch.arange(vocab, device=scores.device), probs
+        probs = (values - log_z).exp()
+        keep = probs.numel()
+        if s.top_p < 1.0:  # keep the tokens whose higher-ranked mass is below top_p (at least one)
+            before = probs.cumsum(0) - probs
+            keep = max(1, int((before < s.top_p).sum()))
+        if s.min_p > 0:
+            keep = min(keep, max(1, int((probs[:keep] >= s.min_p * probs[0]).sum())))
+        return indices[:keep], probs[:keep]
 
     def _mask(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         assert self._matcher is not None

@@ -95,15 +95,14 @@ def test_a_seeded_row_samples_the_same_whatever_its_neighbours(tokenizer):
     assert run([row(settings.model_copy(update={"seed": 8}), tokenizer)]) != alone
 
 
-def test_a_seeded_row_equals_generate_on_that_row_alone(llama, tokenizer):
-    """The sampler applies generate's transforms and draws from the same seeded stream."""
+def test_a_greedy_row_with_penalties_equals_generate_on_that_row_alone(llama, tokenizer):
+    """The sampler applies generate's processors: the same tokens, step for step."""
     peft_model = get_peft_model(llama, CONFIGS["prompt_tuning"]())
-    settings = DecodingSettings(
-        temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.4,
-        frequency_penalty=0.3, seed=11, max_new_tokens=8,
-    )  # fmt: skip
+    settings = DecodingSettings(repetition_penalty=1.3, presence_penalty=0.8, frequency_penalty=0.6, max_new_tokens=10)
     prompt = torch.tensor([[5, 9, 17, 33, 4]])
     expected = peft_model.generate(input_ids=prompt, decoding=settings, eos_token_id=[])[0, 5:].tolist()
+    plain = peft_model.generate(input_ids=prompt, max_new_tokens=10, do_sample=False, eos_token_id=[])[0, 5:].tolist()
+    assert expected != plain  # the penalties change this continuation
     sampler = row(settings, tokenizer, prompt=prompt[0].tolist(), eos=())
     sequence = prompt
     with torch.no_grad():
@@ -112,6 +111,45 @@ def test_a_seeded_row_equals_generate_on_that_row_alone(llama, tokenizer):
             sampler.accept(token)
             sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
     assert sampler.generated == expected and sampler.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"temperature": 1.0},
+        {"temperature": 0.6, "top_k": 40},
+        {"temperature": 1.3, "top_p": 0.8},
+        {"temperature": 0.9, "top_p": 0.995},
+        {"temperature": 0.7, "top_k": 300, "top_p": 0.9, "min_p": 0.01},
+        {"temperature": 1.0, "min_p": 0.05},
+        {"temperature": 2.0, "top_p": 0.5, "min_p": 0.2},
+    ],
+)
+def test_the_sampling_distribution_equals_hugging_faces_warpers(tokenizer, values):
+    """Temperature, top-k, top-p and min-p keep the tokens HF's warpers keep, with their probabilities
+    (V = 49,152, peaked logits like a language model's)."""
+    settings = DecodingSettings(**values)
+    vocab = len(tokenizer)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        logits = torch.randn(vocab, generator=generator) * 2.5
+        reference = torch.softmax(
+            settings.processors()(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0], -1
+        )
+        indices, probs = row(settings, tokenizer, vocab=vocab).distribution(logits)
+        assert set(indices.tolist()) == set(reference.nonzero().squeeze(1).tolist())
+        torch.testing.assert_close(probs / probs.sum(), reference[indices], atol=1e-6, rtol=1e-4)
+
+
+def test_samples_follow_the_distribution(tokenizer):
+    logits = torch.full((VOCAB,), -1e9)
+    logits[20:25] = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]).log()
+    sampler = row(DecodingSettings(temperature=1.0, top_p=0.85, seed=3), tokenizer)
+    counts = Counter(sampler.choose(logits) for _ in range(4000))
+    kept = torch.tensor([0.5, 0.25, 0.15]) / 0.9  # 0.5 + 0.25 < 0.85: the third is the last kept
+    assert set(counts) == {20, 21, 22}
+    for i, p in enumerate(kept.tolist()):
+        assert abs(counts[20 + i] / 4000 - p) < 0.03
 
 
 def test_top_k_one_is_greedy(tokenizer):
