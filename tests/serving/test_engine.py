@@ -437,3 +437,50 @@ def test_a_row_whose_lora_is_removed_ends_with_an_error_and_the_others_go_on(ser
         assert base_row.result().token_ids == generate_alone(served, None, [8, 9], GREEDY)
     finally:
         bank.close()
+
+
+def test_many_threads_submitting_while_the_engine_runs(served):
+    import threading
+
+    generator = torch.Generator().manual_seed(13)
+    names = [None, "pt4", "pt7", "px3", "px5"]
+    jobs = [[(names[(t + i) % 5], random_prompt(generator, 1 + (3 * t + i) % 9)) for i in range(5)] for t in range(4)]
+    engine = Engine(served.base, served.tokenizer, max_batch_size=6)
+    results: dict[tuple[int, int], list[int]] = {}
+
+    def client(t: int) -> None:
+        for i, (expert, prompt) in enumerate(jobs[t]):
+            handle = engine.submit(request(served, f"t{t}-{i}", expert, prompt))
+            if i % 2:  # some clients wait for each answer, others fire and collect later
+                results[t, i] = handle.result(timeout=60).token_ids
+            else:
+                results[t, i] = handle
+
+    engine.start()
+    try:
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results = {k: v if isinstance(v, list) else v.result(timeout=60).token_ids for k, v in results.items()}
+    finally:
+        engine.stop()
+    assert len(results) == 20
+    for (t, i), tokens in results.items():
+        expert, prompt = jobs[t][i]
+        assert tokens == generate_alone(served, expert, prompt, GREEDY), (t, i)
+    assert engine.stats().finished_requests == 20
+
+
+def test_stop_with_abort_pending_ends_every_request(served):
+    engine = Engine(served.base, served.tokenizer, max_batch_size=1)
+    running = engine.submit(request(served, "running", "pt4", [5, 6]))
+    waiting = engine.submit(request(served, "waiting", None, [7]))
+    assert engine.run_until_idle(max_steps=2) == 2
+    engine.stop(abort_pending=True)
+    assert running.result(timeout=1).finish_reason == "abort"
+    assert len(running.result().token_ids) == 3
+    assert waiting.result(timeout=1).finish_reason == "abort"
+    assert waiting.result().usage.completion_tokens == 0
+    assert not engine.has_work
