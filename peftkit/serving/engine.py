@@ -23,107 +23,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
+from peftkit.serving.handle import RequestHandle, RequestResult
 from peftkit.serving.kv_batch import KVBatch, check_model_cache, prefill
 from peftkit.serving.prefix_store import PrefixStore, lora_routing
 from peftkit.serving.sampling import RowSampler, choose_tokens
 from peftkit.serving.types import FinishReason, PromptTooLong, QueueFull, ServeRequest, TokenEvent, Usage
 
+__all__ = ["Engine", "EngineStats", "RequestHandle", "RequestResult"]
+
 logger = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0
 """Tokens per second are averaged over this many recent seconds."""
-
-
-class RequestResult(NamedTuple):
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    usage: Usage
-
-
-class RequestHandle:
-    """A submitted request: its events, its cancellation, its final result.
-
-    Events are :class:`TokenEvent`; the last one has ``finish_reason`` and ``usage``. Iterate with
-    ``for event in handle`` (blocking) or ``async for event in handle``.
-    """
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None, wake: threading.Condition) -> None:
-        self.request_id = request_id
-        self._loop = loop
-        self._events: queue.SimpleQueue[TokenEvent] | None = None if loop is not None else queue.SimpleQueue()
-        self._async_events: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if loop is not None else None
-        self._wake = wake
-        self._done = threading.Event()
-        self.cancelled = False
-        self.text = ""
-        self.token_ids: list[int] = []
-        self.finish_reason: FinishReason | None = None
-        self.usage: Usage | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating: the slot is freed at the next token boundary; the final event says ``abort``."""
-        self.cancelled = True
-        with self._wake:
-            self._wake.notify_all()
-
-    def _push(self, event: TokenEvent) -> None:
-        """Record ``event`` and hand it to the consumer (called from the engine's thread)."""
-        self.text += event.text
-        if event.token_id is not None:
-            self.token_ids.append(event.token_id)
-        if event.finish_reason is not None:
-            self.finish_reason, self.usage = event.finish_reason, event.usage
-        if self._events is not None:
-            self._events.put(event)
-        else:
-            try:
-                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-            except RuntimeError:  # the caller's loop is closed: nobody listens any more
-                self.cancelled = True
-        if event.finish_reason is not None:
-            self._done.set()
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        if self._events is None:
-            raise TypeError("this request was submitted with an event loop: use `async for event in handle`")
-        while True:
-            event = self._events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            if self._async_events is not None:
-                event = await self._async_events.get()
-            else:
-                event = await asyncio.to_thread(self._events.get)
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> RequestResult:
-        """Wait for the request to finish: ``(text, token_ids, finish_reason, usage)``."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id!r} did not finish within {timeout} s")
-        assert self.finish_reason is not None
-        assert self.usage is not None
-        return RequestResult(self.text, list(self.token_ids), self.finish_reason, self.usage)
 
 
 @dataclass(frozen=True)
@@ -136,9 +55,13 @@ class EngineStats:
     tokens_per_second: float
     finished_requests: int
     requests_by_expert: dict[str, int] = field(default_factory=dict)
+    prefix_hits: int = 0
+    """Requests whose expert's virtual-token states were already cached."""
+    prefix_misses: int = 0
+    prefix_bytes: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # rows compare by identity
 class _Row:
     request: ServeRequest
     handle: RequestHandle
@@ -212,6 +135,8 @@ class Engine:
             PromptTooLong: virtual tokens + prompt + ``max_new_tokens`` exceed ``max_model_len``.
             QueueFull: ``max_queue`` requests are already waiting.
         """
+        if len(self._waiting) >= self.max_queue:  # before any work (a grammar compiles below); checked again
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)", retry_after=1.0)
         ids = [int(i) for i in request.prompt_ids]
         if not ids:
             raise ValueError("prompt_ids is empty: there is nothing to continue from")
@@ -247,11 +172,13 @@ class Engine:
         Returns the number of tokens generated.
         """
         with self._step_lock:
-            cancelled = [i for i, row in enumerate(self._running) if row.handle.cancelled]
-            if cancelled:  # first, so that their slots go to waiting requests in this same step
-                for i in cancelled:
-                    self._end(self._running[i], "abort")
-                self._keep(sorted(set(range(len(self._running))) - set(cancelled)))
+            # first, so that their slots go to waiting requests in this same step
+            ended = {i: self._ended(row) for i, row in enumerate(self._running)}
+            ended = {i: reason for i, reason in ended.items() if reason is not None}
+            if ended:
+                for i, reason in ended.items():
+                    self._end(self._running[i], reason)
+                self._keep(sorted(set(range(len(self._running))) - set(ended)))
             with self._lock:
                 aborted = [row for row in self._waiting if row.handle.cancelled]
                 for row in aborted:
@@ -267,8 +194,27 @@ class Engine:
             self._count(generated)
             return generated
 
+    def _ended(self, row: _Row) -> FinishReason | None:
+        """Why a row must leave before its next token: cancelled (``abort``), or its LoRA was removed or
+        replaced in the bank since it was submitted (``error``: it would get another LoRA's weights)."""
+        if row.handle.cancelled:
+            return "abort"
+        expert = row.request.expert
+        if expert is None or expert.lora is None or self.lora_bank is None:
+            return None
+        if expert.lora not in self.lora_bank or self.lora_bank.version(expert.lora) != expert.lora_version:
+            logger.warning("request %s: LoRA %r changed or went away while it ran", row.request.request_id, expert.lora)
+            return "error"
+        return None
+
     def _admit(self, rows: list[_Row]) -> int:
         """Prefill ``rows`` together, choose their first tokens, and add the unfinished ones to the batch."""
+        stale = [row for row in rows if self._ended(row) is not None]
+        for row in stale:
+            self._end(row, self._ended(row))
+        rows = [row for row in rows if row not in stale]
+        if not rows:
+            return 0
         try:
             prefixes = self.prefix_store.get_many([row.request.expert for row in rows])
             ready = rows
@@ -422,6 +368,9 @@ class Engine:
             tokens_per_second=rate,
             finished_requests=self._finished,
             requests_by_expert=dict(self._by_expert),
+            prefix_hits=self.prefix_store.hits,
+            prefix_misses=self.prefix_store.misses,
+            prefix_bytes=self.prefix_store.nbytes,
         )
 
 

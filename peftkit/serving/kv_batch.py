@@ -98,9 +98,10 @@ class KVBatch:
         """One decoding step for every row: feed :attr:`tokens`; returns ``(B, V)`` next-token logits."""
         cache = cache_of(self.layers, model.config)
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        with routing or nullcontext():
+        embeds = model.get_input_embeddings()(self.tokens.unsqueeze(1))  # (B, 1, D)
+        with routing or nullcontext(), frozen_linear_on_onednn(embeds):  # oneDNN from 16 rows on
             out = model(
-                input_ids=self.tokens.unsqueeze(1),
+                inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=self.positions.unsqueeze(1),
                 cache=cache,

@@ -46,8 +46,8 @@ class Served:
     tokenizer: TinyTokenizer
 
 
-def build_served(seed: int = 0) -> Served:
-    base = tiny_model("llama", seed=seed)
+def build_served(seed: int = 0, arch: str = "llama") -> Served:
+    base = tiny_model(arch, seed=seed)
     torch.manual_seed(seed)
     names = list(EXPERTS)
     peft = get_peft_model(base, EXPERTS[names[0]](), adapter_name=names[0])

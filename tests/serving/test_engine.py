@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from peftkit import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from peftkit.decoding import DecodingSettings
+from peftkit.decoding import DecodingSettings, Grammar
 from peftkit.models.loading import load_base
 from peftkit.serving.engine import Engine
 from peftkit.serving.prefix_store import soft_prompt_of
 from peftkit.serving.types import PromptTooLong, QueueFull, ServedExpert, ServeRequest
-from tests.serving.conftest import generate_alone, random_prompt
+from tests.conftest import tiny_model
+from tests.serving.conftest import build_served, generate_alone, random_prompt
 
 GREEDY = DecodingSettings(max_new_tokens=8)
 
@@ -51,6 +53,28 @@ def test_mixed_staggered_batch_equals_generate_alone(served):
         assert result.finish_reason == "length"
         assert result.usage.completion_tokens == len(result.token_ids)
         assert result.text == served.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_other_architectures(arch):
+    """Qwen2 (one key/value head, attention biases) and GPT-2 (learned absolute positions)."""
+    served = build_served(arch=arch)
+    generator = torch.Generator().manual_seed(0)
+    plan = [("pt4", 5), (None, 3), ("px3", 9), ("pt7", 2), ("px5", 6)]
+    engine = Engine(served.base, served.tokenizer, max_batch_size=3)
+    requests = [request(served, f"r{i}", e, random_prompt(generator, n)) for i, (e, n) in enumerate(plan)]
+    handles = []
+    for req in requests:
+        handles.append(engine.submit(req))
+        engine.step()
+    engine.run_until_idle()
+    for (expert, _), req, handle in zip(plan, requests, handles, strict=True):
+        assert handle.result().token_ids == generate_alone(served, expert, req.prompt_ids, GREEDY)
+
+
+def test_sliding_window_models_are_refused():
+    with pytest.raises(NotImplementedError, match="full-attention layers"):
+        Engine(tiny_model("gemma3"), None)
 
 
 def test_every_steps_logits_match_generate_alone(served, monkeypatch):
@@ -267,6 +291,7 @@ def test_background_thread_and_async_streaming(served):
     assert stats.generated_tokens == 24
     assert stats.finished_requests == 3
     assert stats.requests_by_expert == {"pt4": 1, "base": 1, "px5": 1}
+    assert (stats.prefix_hits, stats.prefix_misses) == (0, 2)
     assert stats.tokens_per_second > 0
 
 
@@ -301,16 +326,24 @@ def test_mixed_experts_equal_generate_alone_on_smollm2():
     with torch.no_grad():  # a random prefix of N(0, 1) keys would drown the model: keep it small
         peft.prompt_encoder["prefix"].embedding.weight.mul_(0.1)
     experts = {n: ServedExpert(n, 1, soft_prompt=soft_prompt_of(peft.prompt_encoder[n])) for n in names}
-    questions = ["What is the capital of France?", "Name a primary colour.", "Why is the sky blue?", "What is 2+2?"]
-    plan = list(zip(["brief", "pirate", None, "prefix"], questions, [16, 12, 20, 10], strict=True))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    plan = [
+        ("brief", "What is the capital of France?", DecodingSettings(max_new_tokens=16)),
+        ("pirate", "Name a primary colour.", DecodingSettings(max_new_tokens=12, repetition_penalty=1.3)),
+        (None, "Why is the sky blue?", DecodingSettings(max_new_tokens=20)),
+        ("prefix", "What is 2+2?", DecodingSettings(max_new_tokens=10)),
+        (
+            "brief",
+            "Which city is the capital of Italy? Answer in JSON.",
+            DecodingSettings(max_new_tokens=14, grammar=Grammar(json_schema=schema)),
+        ),
+    ]
     engine = Engine(model, tokenizer)
     requests, handles = [], []
-    for i, (expert, question, budget) in enumerate(plan):
+    for i, (expert, question, settings) in enumerate(plan):
         messages = [{"role": "user", "content": question}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        request = ServeRequest(
-            f"r{i}", list(ids["input_ids"]), experts.get(expert), DecodingSettings(max_new_tokens=budget)
-        )
+        request = ServeRequest(f"r{i}", list(ids["input_ids"]), experts.get(expert), settings)
         requests.append(request)
         handles.append(engine.submit(request))
         engine.step()  # staggered: each request joins a running batch
@@ -320,15 +353,17 @@ def test_mixed_experts_equal_generate_alone_on_smollm2():
         ids = torch.tensor([request.prompt_ids])
         if expert is None:
             with peft.disable_adapter():
-                out = peft.generate(input_ids=ids, decoding=request.settings)
+                out = peft.generate(input_ids=ids, decoding=request.settings, tokenizer=tokenizer)
         else:
-            out = peft.generate(input_ids=ids, decoding=request.settings, adapter_names=[expert])
+            out = peft.generate(input_ids=ids, decoding=request.settings, adapter_names=[expert], tokenizer=tokenizer)
         new = out[0, ids.shape[1] :].tolist()
         result = handle.result(timeout=1)
         assert result.token_ids == new[: len(result.token_ids)]
-        assert len(result.token_ids) == len(new) or result.token_ids[-1] == eos
+        assert set(new[len(result.token_ids) :]) <= {eos}  # generate pads with eos after the end
+        assert len(result.token_ids) == len(new) or result.token_ids[-1] == eos or request.settings.grammar
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    assert engine.stats().finished_requests == 4
+    assert json.loads(handles[-1].result().text)["city"]  # the grammar held in the batch
+    assert engine.stats().finished_requests == len(plan)
 
 
 def test_lora_experts_with_and_without_a_soft_prompt(served):
@@ -376,3 +411,76 @@ def test_lora_experts_with_and_without_a_soft_prompt(served):
     assert results["base"] == generate_alone(served, None, prompts["base"], GREEDY)
     assert results["pt4+all8"] != oracle(served.base, "pt4", prompts["pt4+all8"])  # the LoRAs did act
     assert results["qv2"] != generate_alone(served, None, prompts["qv2"], GREEDY)
+
+
+def test_a_row_whose_lora_is_removed_ends_with_an_error_and_the_others_go_on(served):
+    from peftkit.serving.lora_bank import LoraBank
+    from tests.serving.test_lora_bank import peft_adapter
+
+    config, state, _ = peft_adapter(served.base, "qv2", 0)
+    bank = LoraBank(served.base)
+    try:
+        expert = ServedExpert("qv2", 1, lora="qv2", lora_version=bank.add("qv2", config, state))
+        engine = Engine(served.base, served.tokenizer, lora_bank=bank)
+        lora_row = engine.submit(ServeRequest("lora", [5, 6, 7], expert, GREEDY))
+        base_row = engine.submit(request(served, "base", None, [8, 9]))
+        engine.step()
+        bank.remove("qv2")  # the registry unloads it while the request runs
+        engine.step()
+        assert engine.stats().running == 1
+        assert lora_row.result(timeout=1).finish_reason == "error"
+        assert len(lora_row.result().token_ids) == 2
+        late = engine.submit(ServeRequest("late", [5], expert, GREEDY))
+        engine.run_until_idle()
+        assert late.result(timeout=1).finish_reason == "error"
+        assert late.result().token_ids == []
+        assert base_row.result().token_ids == generate_alone(served, None, [8, 9], GREEDY)
+    finally:
+        bank.close()
+
+
+def test_many_threads_submitting_while_the_engine_runs(served):
+    import threading
+
+    generator = torch.Generator().manual_seed(13)
+    names = [None, "pt4", "pt7", "px3", "px5"]
+    jobs = [[(names[(t + i) % 5], random_prompt(generator, 1 + (3 * t + i) % 9)) for i in range(5)] for t in range(4)]
+    engine = Engine(served.base, served.tokenizer, max_batch_size=6)
+    results: dict[tuple[int, int], list[int]] = {}
+
+    def client(t: int) -> None:
+        for i, (expert, prompt) in enumerate(jobs[t]):
+            handle = engine.submit(request(served, f"t{t}-{i}", expert, prompt))
+            if i % 2:  # some clients wait for each answer, others fire and collect later
+                results[t, i] = handle.result(timeout=60).token_ids
+            else:
+                results[t, i] = handle
+
+    engine.start()
+    try:
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results = {k: v if isinstance(v, list) else v.result(timeout=60).token_ids for k, v in results.items()}
+    finally:
+        engine.stop()
+    assert len(results) == 20
+    for (t, i), tokens in results.items():
+        expert, prompt = jobs[t][i]
+        assert tokens == generate_alone(served, expert, prompt, GREEDY), (t, i)
+    assert engine.stats().finished_requests == 20
+
+
+def test_stop_with_abort_pending_ends_every_request(served):
+    engine = Engine(served.base, served.tokenizer, max_batch_size=1)
+    running = engine.submit(request(served, "running", "pt4", [5, 6]))
+    waiting = engine.submit(request(served, "waiting", None, [7]))
+    assert engine.run_until_idle(max_steps=2) == 2
+    engine.stop(abort_pending=True)
+    assert running.result(timeout=1).finish_reason == "abort"
+    assert len(running.result().token_ids) == 3
+    assert waiting.result(timeout=1).finish_reason == "abort"
+    assert waiting.result().usage.completion_tokens == 0
+    assert not engine.has_work

@@ -172,3 +172,18 @@ def test_bad_input():
     store = PrefixStore(model, max_bytes=10)
     with pytest.raises(ValueError, match="needs key_values"):
         store.get(ServedExpert("bad", 1, soft_prompt=SoftPrompt("prefix", 2)))
+
+
+def test_prefill_saving_times_two_equal_computations(served):
+    from peftkit.serving.measure import prefill_saving
+
+    saving = prefill_saving(
+        served.base, served.tokenizer, served.experts["pt7"].soft_prompt, [5, 6, 7, 8], 2, batch_size=3
+    )
+    assert saving.max_logit_difference < 1e-5  # cached prefix and recomputation give the same logits
+    assert (saving.virtual_tokens, saving.prompt_tokens, saving.batch_size) == (7, 4, 3)
+    assert saving.recompute_ms > 0
+    assert saving.cached_ms > 0
+    assert saving.speedup == saving.recompute_ms / saving.cached_ms
+    with pytest.raises(ValueError, match="prompt-tuning soft prompt"):
+        prefill_saving(served.base, served.tokenizer, served.experts["px3"].soft_prompt, [5], 1)
