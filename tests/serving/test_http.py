@@ -451,9 +451,13 @@ def test_admin_unload_then_load(world: World) -> None:
         return {m.id: m.model_extra for m in client.models.list()}
 
     version = listed()["gamma"]["version"]
+    client.completions.create(model="gamma", prompt="cache me", max_tokens=1)
+    served = world.registry.get("gamma")
+    assert served in world.engine.prefix_store  # its virtual-token keys/values are cached
     unloaded = httpx.post(f"{world.url}/admin/experts/unload", json={"name": "gamma"}, headers=headers)
     assert unloaded.status_code == 200 and unloaded.json() == {"unloaded": "gamma"}
     assert listed()["gamma"]["loaded"] is False
+    assert served not in world.engine.prefix_store  # and they went with it
     missing = httpx.post(f"{world.url}/admin/experts/unload", json={"name": "delta"}, headers=headers)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "name"
     reply = client.completions.create(model="gamma", prompt="back", max_tokens=5, temperature=0)

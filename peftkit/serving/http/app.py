@@ -52,7 +52,8 @@ def create_app(
     max_prompt_tokens: int | None = None,
     served_name: str = BASE,
 ) -> FastAPI:
-    """The server's FastAPI app.
+    """The server's FastAPI app. It connects the engine's prefix store to the registry
+    (``registry.add_unload_listener(engine.prefix_store.forget)``).
 
     Args:
         engine: a started :class:`~peftkit.serving.engine.Engine`.
@@ -64,6 +65,8 @@ def create_app(
         served_name: the base model's name, shown by ``/v1/models``.
     """
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
+    # an expert that leaves the registry (unloaded, evicted, reloaded) takes its cached keys/values with it
+    registry.add_unload_listener(engine.prefix_store.forget)
     metrics = ServerMetrics(engine)
     install_error_handlers(app, metrics.error)
     server = _Server(engine, registry, tokenizer, metrics, max_prompt_tokens, served_name)
