@@ -38,6 +38,7 @@ from peftkit.serving.engine import Engine
 from peftkit.serving.http import create_app
 from peftkit.serving.lora_bank import LoraBank
 from peftkit.serving.registry import ExpertRegistry
+from peftkit.serving.types import ServeRequest
 from peftkit.session import ChatTemplate, DecodingSession
 from tests.evaluation.conftest import write_char_folder
 
@@ -370,6 +371,48 @@ def test_api_key_protects_everything_but_health(world: World) -> None:
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{world.url}/health").json() == {"status": "ok"}
     assert world.client().models.list().data
+
+
+class _Died(BaseException):
+    """What no ``except Exception`` catches: it ends the engine's thread."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_reports_whether_the_engine_thread_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 while the engine's thread is alive; 503 before it starts, after it stops, and once it died (no key
+    needed)."""
+    parts = build(tmp_path)
+    engine = parts.engine()
+
+    def health() -> tuple[int, dict[str, Any]]:
+        response = httpx.get(f"{url}/health")
+        return response.status_code, response.json()
+
+    with running(create_app(engine, parts.registry, parts.tokenizer, api_key=KEY)) as url:
+        status, body = health()
+        assert status == 503 and body["status"] == "unavailable" and not engine.running
+        assert body["error"]["code"] == "engine_not_running" and "not running" in body["error"]["message"]
+        engine.start()
+        assert engine.running and health() == (200, {"status": "ok"})
+        engine.stop()
+        assert not engine.running and health()[0] == 503
+
+        def die() -> int:
+            raise _Died("a failure the scheduler loop does not survive")
+
+        monkeypatch.setattr(engine, "step", die)
+        engine.start()
+        assert health() == (200, {"status": "ok"})
+        settings = DecodingSettings(max_new_tokens=1)
+        engine.submit(ServeRequest(request_id="r", prompt_ids=[5], expert=None, settings=settings))
+        deadline = time.monotonic() + 10
+        while engine.running:  # its first step kills the thread
+            assert time.monotonic() < deadline, "the engine thread did not die"
+            time.sleep(0.01)
+        assert health()[0] == 503
+        errors = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert re.search(r'^peftkit_http_errors_total{status="503"} 3\.0$', errors, re.M)
+    engine.stop(abort_pending=True)
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ One request's path::
 The engine runs in its own thread; ``submit(..., loop)`` hands events back to this event loop. A
 client that disconnects cancels its request (``handle.cancel()``), queued or running, so its batch
 slot frees at once. Errors answer OpenAI-style bodies (errors.py); ``/metrics`` is Prometheus text
-(metrics.py). ``api_key`` protects every endpoint except ``/health``.
+(metrics.py). ``api_key`` protects every endpoint except ``/health`` (200 while the engine's thread
+runs, 503 when it does not).
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = getattr(engine, "is_alive", None)
-        if callable(alive) and not alive():
-            raise APIError(503, "the engine thread is not running", code="engine_stopped")
-        return JSONResponse({"status": "ok"})
+        if engine.running:
+            return JSONResponse({"status": "ok"})
+        metrics.error(503)
+        error = APIError(503, "the engine's background thread is not running (not started, stopped, or it died: "
+                         "see the server log); no request can be answered", code="engine_not_running")  # fmt: skip
+        return JSONResponse({"status": "unavailable", **error.body()}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
