@@ -100,8 +100,7 @@ class World:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        template = ChatTemplate(self.tokenizer)
-        return template._ids(template._render(messages))
+        return ChatTemplate(self.tokenizer).conversation_ids(messages)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", headers=self.headers()).text
@@ -578,8 +577,7 @@ def test_smollm2_chat_through_the_server(tmp_path: Path) -> None:
             base_text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     finally:
         engine.stop(abort_pending=True)
-    template = ChatTemplate(tokenizer)
-    ids = template._ids(template._render(messages))
+    ids = ChatTemplate(tokenizer).conversation_ids(messages)
     settings = DecodingSettings(max_new_tokens=12)
     assert reply.choices[0].message.content == DecodingSession(peft.eval(), tokenizer, settings).generate(ids)
     with peft.disable_adapter():

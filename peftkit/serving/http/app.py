@@ -213,9 +213,7 @@ class _Server:
             from peftkit.session import ChatTemplate
 
             assert isinstance(body, ChatCompletionRequest)
-            template = ChatTemplate(self.tokenizer)
-            messages = [m.as_template_message() for m in body.messages]
-            ids = template._ids(template._render(messages))
+            ids = ChatTemplate(self.tokenizer).conversation_ids([m.as_template_message() for m in body.messages])
             param = "messages"
         else:
             assert isinstance(body, CompletionRequest)
