@@ -13,6 +13,7 @@ letters and never stops by itself: answers are long enough to compare, and a req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -36,6 +37,7 @@ from peftkit import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_
 from peftkit.decoding import DecodingSettings
 from peftkit.serving.engine import Engine
 from peftkit.serving.http import create_app
+from peftkit.serving.http.app import _Server
 from peftkit.serving.lora_bank import LoraBank
 from peftkit.serving.registry import ExpertRegistry
 from peftkit.serving.types import ServeRequest
@@ -537,6 +539,67 @@ def test_concurrent_requests_across_experts_equal_their_single_results(world: Wo
     for (name, prompt, max_tokens, _, chat), answer in zip(jobs, answers, strict=True):
         ids = world.chat_ids([{"role": "user", "content": prompt}]) if chat else world.completion_ids(prompt)
         assert answer == world.reference(name, ids, max_tokens), (name, prompt)
+
+
+def test_a_slow_submit_does_not_stall_the_other_requests(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine.submit`` runs off the event loop: while one request's submit is held (as a grammar that
+    takes long to compile would hold it), another request is answered."""
+    real, entered, released, waited = world.engine.submit, threading.Event(), threading.Event(), []
+
+    def slow_submit(request: Any, loop: Any = None) -> Any:
+        if request.settings.grammar is not None:
+            entered.set()
+            waited.append(released.wait(timeout=10))  # until the other request has its answer
+        return real(request, loop=loop)
+
+    monkeypatch.setattr(world.engine, "submit", slow_submit)
+    messages = [{"role": "user", "content": "json please"}]
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(world.client().chat.completions.create, model="alpha", messages=messages, max_tokens=8,
+                           temperature=0, response_format={"type": "json_object"})  # fmt: skip
+        assert entered.wait(timeout=10)
+        other = world.client(timeout=5).completions.create(model="beta", prompt="meanwhile", max_tokens=3)
+        released.set()
+        held = slow.result(timeout=30)
+    assert waited == [True]  # released by the test, after the other answer: not by its timeout
+    assert other.choices[0].text == world.reference("beta", world.completion_ids("meanwhile"), 3)
+    assert held.choices[0].finish_reason in ("stop", "length") and held.choices[0].message.content.startswith("{")
+
+
+def test_a_request_cancelled_while_it_is_submitted_is_cancelled_in_the_engine() -> None:
+    """The worker thread cannot be interrupted: the handle it returns to a cancelled caller is cancelled."""
+    started = threading.Event()
+
+    class Handle:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class SlowEngine:
+        handle = Handle()
+
+        def submit(self, request: Any, loop: Any = None) -> Handle:
+            started.set()
+            time.sleep(0.3)
+            return self.handle
+
+    server = _Server(SlowEngine(), None, None, None, None, "base")
+
+    async def cancel_during_submit() -> None:
+        task = asyncio.create_task(server.submit(None))
+        assert await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not SlowEngine.handle.cancelled  # the caller did not wait for the worker thread
+        for _ in range(500):
+            if SlowEngine.handle.cancelled:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the request submitted for a cancelled caller was not cancelled")
+
+    asyncio.run(cancel_during_submit())
 
 
 def test_metrics_count_requests_and_report_the_engine(world: World) -> None:

@@ -7,9 +7,10 @@ One request's path::
          -> prompt ids (the chat template for chat) -> engine.submit -> TokenEvents
          -> one JSON answer, or SSE chunks ``data: {...}`` ending with ``data: [DONE]``
 
-The engine runs in its own thread; ``submit(..., loop)`` hands events back to this event loop. A
-client that disconnects cancels its request (``handle.cancel()``), queued or running, so its batch
-slot frees at once. Errors answer OpenAI-style bodies (errors.py); ``/metrics`` is Prometheus text
+The engine runs in its own thread; ``submit(..., loop)`` hands events back to this event loop (it is
+called in a worker thread: it may compile a grammar, which must not stall the other streams). A client
+that disconnects cancels its request (``handle.cancel()``), queued or running, so its batch slot frees
+at once. Errors answer OpenAI-style bodies (errors.py); ``/metrics`` is Prometheus text
 (metrics.py). ``api_key`` protects every endpoint except ``/health`` (200 while the engine's thread
 runs, 503 when it does not).
 """
@@ -17,6 +18,7 @@ runs, 503 when it does not).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
@@ -233,6 +235,18 @@ class _Server:
                            f"{self.max_prompt}", param=param, code="prompt_too_long")  # fmt: skip
         return ids
 
+    async def submit(self, serve: ServeRequest) -> Any:
+        """``engine.submit`` in a worker thread (it may compile a grammar: seconds that must not stall the
+        other streams). Its errors reach the caller unchanged; a caller cancelled meanwhile does not wait for
+        the thread, and the request it submits is then cancelled in the engine."""
+        loop = asyncio.get_running_loop()
+        submitted = loop.run_in_executor(None, functools.partial(self.engine.submit, serve, loop=loop))
+        try:
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(_cancel_submitted)
+            raise
+
     async def generate(self, body: GenerationRequest, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
         expert, level = await self.resolve(body)
@@ -241,7 +255,7 @@ class _Server:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         serve = ServeRequest(request_id=request_id, prompt_ids=ids, expert=expert, settings=settings, level=level)
         try:
-            handle = self.engine.submit(serve, loop=asyncio.get_running_loop())
+            handle = await self.submit(serve)
         except ServingError as exc:
             raise from_serving_error(exc, param="messages" if chat else "prompt") from None
         except ValueError as exc:  # a token id outside the model's vocabulary, a grammar that does not compile
@@ -383,6 +397,12 @@ async def _cancel_on_disconnect(request: Request, handle: Any) -> None:
         if message["type"] == "http.disconnect":
             handle.cancel()
             return
+
+
+def _cancel_submitted(submitted: asyncio.Future[Any]) -> None:
+    """Cancel the request a worker thread submitted for a caller that is gone."""
+    if not submitted.cancelled() and submitted.exception() is None:
+        submitted.result().cancel()
 
 
 def _sse(payload: dict[str, Any]) -> str:
