@@ -328,6 +328,8 @@ def test_models_lists_base_and_experts(world: World) -> None:
         ("prompt", {"prompt": ""}),
         ("prompt", {"prompt": ["two", "prompts"]}),
         ("response_format", {"extra_body": {"response_format": {"type": "json_schema"}}}),
+        ("stream_options", {"stream_options": {"include_usage": True}}),
+        ("stream_options", {"stream": False, "stream_options": {"include_usage": False}}),
     ],
 )
 def test_invalid_values_answer_400_naming_the_field(world: World, field: str, kwargs: dict[str, Any]) -> None:
@@ -340,6 +342,15 @@ def test_invalid_values_answer_400_naming_the_field(world: World, field: str, kw
 
 def test_invalid_json_and_wrong_types_answer_400(world: World) -> None:
     url, headers = f"{world.url}/v1/chat/completions", world.headers()
+    messages = [{"role": "user", "content": "x"}]
+    options = {"model": "alpha", "messages": messages, "stream_options": {"include_usage": True}}
+    for body in (options, {**options, "stream": None}):  # stream_options without stream: true
+        refused = httpx.post(url, json=body, headers=headers)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_options"
+        assert "stream_options is only allowed when stream is true" in refused.json()["error"]["message"]
+    wrong_stream = httpx.post(url, json={**options, "stream": "maybe"}, headers=headers)
+    assert wrong_stream.status_code == 400 and wrong_stream.json()["error"]["param"] == "stream"
+    assert "stream_options" not in wrong_stream.json()["error"]["message"]  # one error: the bad stream
     broken = httpx.post(url, content=b"{not json", headers={**headers, "Content-Type": "application/json"})
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
     wrong = httpx.post(url, json={"model": "alpha", "messages": [{"role": "robot", "content": "x"}]}, headers=headers)
