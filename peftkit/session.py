@@ -15,7 +15,7 @@ positions each turn ran through the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -180,6 +180,26 @@ class ChatTemplate:
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def conversation_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The prompt ids of a whole conversation, ending with the assistant's generation prompt: what a
+        model continues to answer it (the prompt of an OpenAI-style chat request).
+
+        Args:
+            messages: ``{"role", "content"}`` dicts, oldest first (``system``, ``user``, ``assistant``).
+
+        The template's own conversation (``system``, earlier :meth:`user_turn` calls) is neither used
+        nor changed.
+
+        Raises:
+            ValueError: ``messages`` is empty, or a message has no string ``role`` or ``content``.
+        """
+        if not messages:
+            raise ValueError("messages is empty: a conversation needs at least one message")
+        for i, message in enumerate(messages):
+            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                raise ValueError(f"messages[{i}] needs a string 'role' and 'content', got {dict(message)!r}")
+        return self._ids(self._render([dict(m) for m in messages]))
 
     def user_turn(self, content: str, last_token: int | None = None) -> list[int]:
         """The token ids that add the user's turn ``content`` after the conversation so far.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jsonschema
@@ -142,3 +143,28 @@ def test_json_schema_on_smollm2_at_temperature_one():
     for _ in range(8):
         session.reset()
         jsonschema.validate(json.loads(session.generate(ids)), schema)
+
+
+def test_conversation_ids_render_the_whole_conversation_with_the_generation_prompt(char_model):
+    _, tokenizer = char_model
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]  # fmt: skip
+    template = ChatTemplate(tokenizer, system="unused")
+    plain = "System: be brief\nUser: hi\nhello\nUser: more\nAssistant:"  # no chat template: the plain layout
+    assert template.conversation_ids(messages) == tokenizer(plain, add_special_tokens=False)["input_ids"]
+    assert template.messages == [{"role": "system", "content": "unused"}]  # its own conversation is untouched
+    one = [{"role": "user", "content": "hi"}]
+    assert ChatTemplate(tokenizer).conversation_ids(one) == ChatTemplate(tokenizer).user_turn("hi")
+
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = (
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}.{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    text = "[system] be brief.[user] hi.[assistant] hello.[user] more.[assistant] "
+    spelled = [templated.convert_tokens_to_ids(c.replace(" ", "\u0120")) for c in text]  # one id per character
+    assert ChatTemplate(templated).conversation_ids(messages) == spelled
+    with pytest.raises(ValueError, match="messages is empty"):
+        template.conversation_ids([])
+    with pytest.raises(ValueError, match=r"messages\[1\] needs a string 'role' and 'content'"):
+        template.conversation_ids([messages[0], {"role": "user"}])

@@ -310,9 +310,16 @@ class Engine:
             steps += 1
         return steps
 
+    @property
+    def running(self) -> bool:
+        """Whether the background thread of :meth:`start` is alive (``False`` before it, after :meth:`stop`,
+        or when the thread died); ``GET /health`` answers 503 while it is ``False``."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def start(self) -> None:
         """Run steps in a background daemon thread (it sleeps while there is nothing to do)."""
-        if self._thread is not None and self._thread.is_alive():
+        if self.running:
             return
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="peftkit-engine", daemon=True)

@@ -15,16 +15,22 @@ expert's ``version``, so caches keyed on it (the prefix store) never serve stale
 Under ``memory_budget_bytes`` the least recently used experts are evicted (a bank expert counts its row,
 a LoRA its factors); an evicted expert stays listed and loads again when asked for. No path may leave
 the experts folder: absolute paths, ``..`` and symlinks that resolve outside are refused.
+
+Whatever holds state derived from a loaded expert subscribes with :meth:`ExpertRegistry.add_unload_listener`
+and is told the expert's name the moment it is unloaded, evicted or replaced by a reload: ``create_app``
+connects the engine's prefix store (``prefix_store.forget``), so an unloaded expert's cached virtual-token
+keys/values go with it instead of waiting for the store's own LRU.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,8 @@ from peftkit.serving.types import ServedExpert, UnknownExpert
 __all__ = ["ExpertRegistry"]
 
 BASE = "base"
+
+logger = logging.getLogger(__name__)
 
 
 class PathRefusedError(ValueError):
@@ -96,6 +104,19 @@ class ExpertRegistry:
         self._banks: dict[str, tuple[BankSource, int, int]] = {}  # source -> (bank, version, rows loaded)
         self._used = 0
         self._version = 0
+        self._unload_listeners: list[Callable[[str], None]] = []
+
+    def add_unload_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(name)`` whenever expert ``name`` leaves memory: :meth:`unload`, LRU eviction, or a
+        reload that replaces it (its new version is not yet loaded when the listener runs).
+
+        Listeners run in the thread that unloads, under the registry's lock: keep them short and never wait
+        there on another thread that uses the registry. One that raises is logged and does not stop the
+        unload. Adding the same listener twice registers it once.
+        """
+        with self._lock:
+            if listener not in self._unload_listeners:
+                self._unload_listeners.append(listener)
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> ServedExpert:
@@ -362,6 +383,11 @@ class ExpertRegistry:
                 del self._banks[entry.source]  # the table is freed with its last loaded row
             else:
                 self._banks[entry.source] = (bank, version, count - 1)
+        for listener in self._unload_listeners:
+            try:
+                listener(name)
+            except Exception:  # a cache that fails to forget must not leave the registry half-updated
+                logger.exception("unload listener %r failed for expert %r", listener, name)
 
     def _forget(self, name: str) -> None:
         """Unload ``name`` if loaded and remove it from the listing (its source no longer holds it)."""

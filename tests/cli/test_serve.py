@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -13,9 +14,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from rich.console import Console
 
 from peftkit import PeftModel, load_base
 from peftkit.cli.main import build_parser, main
+from peftkit.cli.serve import build_server
 from peftkit.decoding import DecodingSettings
 from peftkit.session import DecodingSession
 from tests.serving.test_http import EXPERTS, write_experts, write_model_folder
@@ -32,6 +35,20 @@ def test_serve_defaults_and_flag_checks(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--max-queue=0" in capsys.readouterr().out
     assert main(["serve", "--experts", str(tmp_path), "--memory-budget-mb", "-1"]) == 2
     assert "--memory-budget-mb" in capsys.readouterr().out
+
+
+def test_serve_connects_the_registry_to_the_engines_prefix_store(tmp_path: Path) -> None:
+    """An expert unloaded from the server's registry leaves the engine's prefix store at once."""
+    folder = write_model_folder(tmp_path / "model")
+    experts = write_experts(tmp_path / "experts", folder)
+    args = build_parser().parse_args(["serve", "--experts", str(experts), "--model", str(folder), "--device", "cpu"])
+    app, engine = build_server(args, Console(file=io.StringIO()))
+    registry = app.state.server.registry
+    alpha, beta = registry.get("alpha"), registry.get("beta")
+    engine.prefix_store.get_many([alpha, beta])
+    assert alpha in engine.prefix_store and beta in engine.prefix_store
+    registry.unload("alpha")
+    assert alpha not in engine.prefix_store and beta in engine.prefix_store
 
 
 def test_peftkit_serve_answers_with_the_api_key_from_the_environment(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ letters and never stops by itself: answers are long enough to compare, and a req
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -36,8 +37,10 @@ from peftkit import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_
 from peftkit.decoding import DecodingSettings
 from peftkit.serving.engine import Engine
 from peftkit.serving.http import create_app
+from peftkit.serving.http.app import _Server
 from peftkit.serving.lora_bank import LoraBank
 from peftkit.serving.registry import ExpertRegistry
+from peftkit.serving.types import ServeRequest
 from peftkit.session import ChatTemplate, DecodingSession
 from tests.evaluation.conftest import write_char_folder
 
@@ -99,8 +102,7 @@ class World:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        template = ChatTemplate(self.tokenizer)
-        return template._ids(template._render(messages))
+        return ChatTemplate(self.tokenizer).conversation_ids(messages)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", headers=self.headers()).text
@@ -326,6 +328,8 @@ def test_models_lists_base_and_experts(world: World) -> None:
         ("prompt", {"prompt": ""}),
         ("prompt", {"prompt": ["two", "prompts"]}),
         ("response_format", {"extra_body": {"response_format": {"type": "json_schema"}}}),
+        ("stream_options", {"stream_options": {"include_usage": True}}),
+        ("stream_options", {"stream": False, "stream_options": {"include_usage": False}}),
     ],
 )
 def test_invalid_values_answer_400_naming_the_field(world: World, field: str, kwargs: dict[str, Any]) -> None:
@@ -338,6 +342,15 @@ def test_invalid_values_answer_400_naming_the_field(world: World, field: str, kw
 
 def test_invalid_json_and_wrong_types_answer_400(world: World) -> None:
     url, headers = f"{world.url}/v1/chat/completions", world.headers()
+    messages = [{"role": "user", "content": "x"}]
+    options = {"model": "alpha", "messages": messages, "stream_options": {"include_usage": True}}
+    for body in (options, {**options, "stream": None}):  # stream_options without stream: true
+        refused = httpx.post(url, json=body, headers=headers)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_options"
+        assert "stream_options is only allowed when stream is true" in refused.json()["error"]["message"]
+    wrong_stream = httpx.post(url, json={**options, "stream": "maybe"}, headers=headers)
+    assert wrong_stream.status_code == 400 and wrong_stream.json()["error"]["param"] == "stream"
+    assert "stream_options" not in wrong_stream.json()["error"]["message"]  # one error: the bad stream
     broken = httpx.post(url, content=b"{not json", headers={**headers, "Content-Type": "application/json"})
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
     wrong = httpx.post(url, json={"model": "alpha", "messages": [{"role": "robot", "content": "x"}]}, headers=headers)
@@ -370,6 +383,48 @@ def test_api_key_protects_everything_but_health(world: World) -> None:
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{world.url}/health").json() == {"status": "ok"}
     assert world.client().models.list().data
+
+
+class _Died(BaseException):
+    """What no ``except Exception`` catches: it ends the engine's thread."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_reports_whether_the_engine_thread_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 while the engine's thread is alive; 503 before it starts, after it stops, and once it died (no key
+    needed)."""
+    parts = build(tmp_path)
+    engine = parts.engine()
+
+    def health() -> tuple[int, dict[str, Any]]:
+        response = httpx.get(f"{url}/health")
+        return response.status_code, response.json()
+
+    with running(create_app(engine, parts.registry, parts.tokenizer, api_key=KEY)) as url:
+        status, body = health()
+        assert status == 503 and body["status"] == "unavailable" and not engine.running
+        assert body["error"]["code"] == "engine_not_running" and "not running" in body["error"]["message"]
+        engine.start()
+        assert engine.running and health() == (200, {"status": "ok"})
+        engine.stop()
+        assert not engine.running and health()[0] == 503
+
+        def die() -> int:
+            raise _Died("a failure the scheduler loop does not survive")
+
+        monkeypatch.setattr(engine, "step", die)
+        engine.start()
+        assert health() == (200, {"status": "ok"})
+        settings = DecodingSettings(max_new_tokens=1)
+        engine.submit(ServeRequest(request_id="r", prompt_ids=[5], expert=None, settings=settings))
+        deadline = time.monotonic() + 10
+        while engine.running:  # its first step kills the thread
+            assert time.monotonic() < deadline, "the engine thread did not die"
+            time.sleep(0.01)
+        assert health()[0] == 503
+        errors = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert re.search(r'^peftkit_http_errors_total{status="503"} 3\.0$', errors, re.M)
+    engine.stop(abort_pending=True)
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
@@ -451,9 +506,13 @@ def test_admin_unload_then_load(world: World) -> None:
         return {m.id: m.model_extra for m in client.models.list()}
 
     version = listed()["gamma"]["version"]
+    client.completions.create(model="gamma", prompt="cache me", max_tokens=1)
+    served = world.registry.get("gamma")
+    assert served in world.engine.prefix_store  # its virtual-token keys/values are cached
     unloaded = httpx.post(f"{world.url}/admin/experts/unload", json={"name": "gamma"}, headers=headers)
     assert unloaded.status_code == 200 and unloaded.json() == {"unloaded": "gamma"}
     assert listed()["gamma"]["loaded"] is False
+    assert served not in world.engine.prefix_store  # and they went with it
     missing = httpx.post(f"{world.url}/admin/experts/unload", json={"name": "delta"}, headers=headers)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "name"
     reply = client.completions.create(model="gamma", prompt="back", max_tokens=5, temperature=0)
@@ -491,6 +550,67 @@ def test_concurrent_requests_across_experts_equal_their_single_results(world: Wo
     for (name, prompt, max_tokens, _, chat), answer in zip(jobs, answers, strict=True):
         ids = world.chat_ids([{"role": "user", "content": prompt}]) if chat else world.completion_ids(prompt)
         assert answer == world.reference(name, ids, max_tokens), (name, prompt)
+
+
+def test_a_slow_submit_does_not_stall_the_other_requests(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine.submit`` runs off the event loop: while one request's submit is held (as a grammar that
+    takes long to compile would hold it), another request is answered."""
+    real, entered, released, waited = world.engine.submit, threading.Event(), threading.Event(), []
+
+    def slow_submit(request: Any, loop: Any = None) -> Any:
+        if request.settings.grammar is not None:
+            entered.set()
+            waited.append(released.wait(timeout=10))  # until the other request has its answer
+        return real(request, loop=loop)
+
+    monkeypatch.setattr(world.engine, "submit", slow_submit)
+    messages = [{"role": "user", "content": "json please"}]
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(world.client().chat.completions.create, model="alpha", messages=messages, max_tokens=8,
+                           temperature=0, response_format={"type": "json_object"})  # fmt: skip
+        assert entered.wait(timeout=10)
+        other = world.client(timeout=5).completions.create(model="beta", prompt="meanwhile", max_tokens=3)
+        released.set()
+        held = slow.result(timeout=30)
+    assert waited == [True]  # released by the test, after the other answer: not by its timeout
+    assert other.choices[0].text == world.reference("beta", world.completion_ids("meanwhile"), 3)
+    assert held.choices[0].finish_reason in ("stop", "length") and held.choices[0].message.content.startswith("{")
+
+
+def test_a_request_cancelled_while_it_is_submitted_is_cancelled_in_the_engine() -> None:
+    """The worker thread cannot be interrupted: the handle it returns to a cancelled caller is cancelled."""
+    started = threading.Event()
+
+    class Handle:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class SlowEngine:
+        handle = Handle()
+
+        def submit(self, request: Any, loop: Any = None) -> Handle:
+            started.set()
+            time.sleep(0.3)
+            return self.handle
+
+    server = _Server(SlowEngine(), None, None, None, None, "base")
+
+    async def cancel_during_submit() -> None:
+        task = asyncio.create_task(server.submit(None))
+        assert await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not SlowEngine.handle.cancelled  # the caller did not wait for the worker thread
+        for _ in range(500):
+            if SlowEngine.handle.cancelled:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the request submitted for a cancelled caller was not cancelled")
+
+    asyncio.run(cancel_during_submit())
 
 
 def test_metrics_count_requests_and_report_the_engine(world: World) -> None:
@@ -531,8 +651,7 @@ def test_smollm2_chat_through_the_server(tmp_path: Path) -> None:
             base_text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     finally:
         engine.stop(abort_pending=True)
-    template = ChatTemplate(tokenizer)
-    ids = template._ids(template._render(messages))
+    ids = ChatTemplate(tokenizer).conversation_ids(messages)
     settings = DecodingSettings(max_new_tokens=12)
     assert reply.choices[0].message.content == DecodingSession(peft.eval(), tokenizer, settings).generate(ids)
     with peft.disable_adapter():

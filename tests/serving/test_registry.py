@@ -17,6 +17,7 @@ import peftkit
 from peftkit.experts.load import load_expert
 from peftkit.experts.package import build_package
 from peftkit.serving.lora_bank import LoraBank
+from peftkit.serving.prefix_store import PrefixStore
 from peftkit.serving.registry import ExpertRegistry
 from peftkit.serving.types import UnknownExpert
 from tests.conftest import VOCAB, tiny_model
@@ -215,6 +216,37 @@ def test_lru_eviction_under_a_budget_and_reload_on_demand(base, root):
     assert reg.names() == [] and reg.nbytes == 0
     with pytest.raises(ValueError, match="more than memory_budget_bytes"):
         ExpertRegistry(base, None, root=root, lora_bank=LoraBank(base), memory_budget_bytes=100).load("p0")
+
+
+def test_unloaded_evicted_and_reloaded_experts_leave_the_prefix_store_at_once(base, root, caplog):
+    """Listeners hear every expert that leaves memory; the prefix store connected to them drops its cached
+    keys/values then, not when its own LRU reaches them (its budget here never would)."""
+    for i in range(3):
+        save(root / f"p{i}", peftkit.PromptTuningConfig(num_virtual_tokens=4), seed=i)
+    one = 4 * 32 * 4  # (n, D) fp32
+    reg = registry(base, root, memory_budget_bytes=2 * one)
+    store = PrefixStore(base.eval(), max_bytes=2**30)
+    heard: list[str] = []
+
+    def broken(name: str) -> None:
+        raise RuntimeError("a listener that fails")
+
+    for listener in (store.forget, heard.append, heard.append, broken):  # one added twice: registered once
+        reg.add_unload_listener(listener)
+    p0, p1 = reg.get("p0"), reg.get("p1")
+    store.get_many([p0, p1])
+    assert p0 in store and p1 in store and store.nbytes == 2 * store.get(p0).nbytes
+    reg.get("p2")  # over budget: evicts p0, the least recently used
+    assert reg.names() == ["p1", "p2"]
+    assert p0 not in store and p1 in store and len(store) == 1
+    reg.unload("p1")
+    assert p1 not in store and len(store) == 0 and store.nbytes == 0
+    p2 = reg.get("p2")
+    store.get(p2)
+    reg.load("p2")  # a reload replaces it: the old version's states go before the new one is asked for
+    assert p2 not in store and len(store) == 0 and reg.get("p2").version > p2.version
+    assert heard == ["p0", "p1", "p2"]
+    assert caplog.text.count("unload listener") == 3  # the failing one is logged, and the unloads went on
 
 
 def test_bank_rows_count_their_row_and_come_back_from_the_table(base, root):

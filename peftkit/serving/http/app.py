@@ -7,15 +7,18 @@ One request's path::
          -> prompt ids (the chat template for chat) -> engine.submit -> TokenEvents
          -> one JSON answer, or SSE chunks ``data: {...}`` ending with ``data: [DONE]``
 
-The engine runs in its own thread; ``submit(..., loop)`` hands events back to this event loop. A
-client that disconnects cancels its request (``handle.cancel()``), queued or running, so its batch
-slot frees at once. Errors answer OpenAI-style bodies (errors.py); ``/metrics`` is Prometheus text
-(metrics.py). ``api_key`` protects every endpoint except ``/health``.
+The engine runs in its own thread; ``submit(..., loop)`` hands events back to this event loop (it is
+called in a worker thread: it may compile a grammar, which must not stall the other streams). A client
+that disconnects cancels its request (``handle.cancel()``), queued or running, so its batch slot frees
+at once. Errors answer OpenAI-style bodies (errors.py); ``/metrics`` is Prometheus text
+(metrics.py). ``api_key`` protects every endpoint except ``/health`` (200 while the engine's thread
+runs, 503 when it does not).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
@@ -52,7 +55,8 @@ def create_app(
     max_prompt_tokens: int | None = None,
     served_name: str = BASE,
 ) -> FastAPI:
-    """The server's FastAPI app.
+    """The server's FastAPI app. It connects the engine's prefix store to the registry
+    (``registry.add_unload_listener(engine.prefix_store.forget)``).
 
     Args:
         engine: a started :class:`~peftkit.serving.engine.Engine`.
@@ -64,6 +68,8 @@ def create_app(
         served_name: the base model's name, shown by ``/v1/models``.
     """
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
+    # an expert that leaves the registry (unloaded, evicted, reloaded) takes its cached keys/values with it
+    registry.add_unload_listener(engine.prefix_store.forget)
     metrics = ServerMetrics(engine)
     install_error_handlers(app, metrics.error)
     server = _Server(engine, registry, tokenizer, metrics, max_prompt_tokens, served_name)
@@ -71,10 +77,12 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = getattr(engine, "is_alive", None)
-        if callable(alive) and not alive():
-            raise APIError(503, "the engine thread is not running", code="engine_stopped")
-        return JSONResponse({"status": "ok"})
+        if engine.running:
+            return JSONResponse({"status": "ok"})
+        metrics.error(503)
+        error = APIError(503, "the engine's background thread is not running (not started, stopped, or it died: "
+                         "see the server log); no request can be answered", code="engine_not_running")  # fmt: skip
+        return JSONResponse({"status": "unavailable", **error.body()}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -207,9 +215,7 @@ class _Server:
             from peftkit.session import ChatTemplate
 
             assert isinstance(body, ChatCompletionRequest)
-            template = ChatTemplate(self.tokenizer)
-            messages = [m.as_template_message() for m in body.messages]
-            ids = template._ids(template._render(messages))
+            ids = ChatTemplate(self.tokenizer).conversation_ids([m.as_template_message() for m in body.messages])
             param = "messages"
         else:
             assert isinstance(body, CompletionRequest)
@@ -229,6 +235,18 @@ class _Server:
                            f"{self.max_prompt}", param=param, code="prompt_too_long")  # fmt: skip
         return ids
 
+    async def submit(self, serve: ServeRequest) -> Any:
+        """``engine.submit`` in a worker thread (it may compile a grammar: seconds that must not stall the
+        other streams). Its errors reach the caller unchanged; a caller cancelled meanwhile does not wait for
+        the thread, and the request it submits is then cancelled in the engine."""
+        loop = asyncio.get_running_loop()
+        submitted = loop.run_in_executor(None, functools.partial(self.engine.submit, serve, loop=loop))
+        try:
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(_cancel_submitted)
+            raise
+
     async def generate(self, body: GenerationRequest, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
         expert, level = await self.resolve(body)
@@ -237,7 +255,7 @@ class _Server:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         serve = ServeRequest(request_id=request_id, prompt_ids=ids, expert=expert, settings=settings, level=level)
         try:
-            handle = self.engine.submit(serve, loop=asyncio.get_running_loop())
+            handle = await self.submit(serve)
         except ServingError as exc:
             raise from_serving_error(exc, param="messages" if chat else "prompt") from None
         except ValueError as exc:  # a token id outside the model's vocabulary, a grammar that does not compile
@@ -379,6 +397,12 @@ async def _cancel_on_disconnect(request: Request, handle: Any) -> None:
         if message["type"] == "http.disconnect":
             handle.cancel()
             return
+
+
+def _cancel_submitted(submitted: asyncio.Future[Any]) -> None:
+    """Cancel the request a worker thread submitted for a caller that is gone."""
+    if not submitted.cancelled() and submitted.exception() is None:
+        submitted.result().cancel()
 
 
 def _sse(payload: dict[str, Any]) -> str:

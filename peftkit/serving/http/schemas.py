@@ -1,7 +1,8 @@
 """The request bodies of ``/v1/completions`` and ``/v1/chat/completions``, as OpenAI defines them.
 
 Fields this server cannot honour are refused (400 naming the field) rather than ignored: ``n > 1``,
-``best_of > 1``, ``echo``, ``logprobs``, ``suffix``, a non-empty ``logit_bias``, tools. Unknown
+``best_of > 1``, ``echo``, ``logprobs``, ``suffix``, a non-empty ``logit_bias``, tools, and
+``stream_options`` without ``stream: true`` (as OpenAI refuses it). Unknown
 fields are refused too, as OpenAI's API does, so a misspelt setting never silently does nothing.
 
 Two fields are peftkit's own (the OpenAI client sends them with ``extra_body``): ``fallback``, the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # OpenAI field -> DecodingSettings field. ``max_completion_tokens`` (chat) is the newer max_tokens.
 DECODING_FIELD_OF = {
@@ -104,6 +105,13 @@ class GenerationRequest(BaseModel):
     def _one_choice(cls, value: int | None) -> int | None:
         if value is not None and value != 1:
             raise ValueError("only n=1 is supported (one choice per request); send several requests instead")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and "stream" in info.data and not info.data["stream"]:  # a bad stream: its own error
+            raise ValueError("stream_options is only allowed when stream is true")
         return value
 
     @field_validator("top_k")
