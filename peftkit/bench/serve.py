@@ -201,8 +201,8 @@ def run_serve_bench(settings: ServeBenchSettings, console: Console | None = None
         registry = ExpertRegistry(ours_base, tokenizer, root=folder, lora_bank=None)
         registry.load_all()
         experts = [registry.get(name) for name in names]
-        engine = Engine(ours_base, tokenizer, max_batch_size=s.requests, max_queue=s.requests)
-        engine.eos_ids = []  # every request generates exactly max_new_tokens, on every side
+        # every request generates exactly max_new_tokens, on every side
+        engine = Engine(ours_base, tokenizer, max_batch_size=s.requests, max_queue=s.requests, ignore_eos=True)
         engine.start()
         try:
             engine_side(engine, prompt_ids[:2], experts[:2], s)  # warm-up (allocator, oneDNN kernels)

@@ -84,6 +84,8 @@ class Engine:
         max_model_len: the longest sequence (virtual tokens + prompt + new tokens); default the
             model config's ``max_position_embeddings``.
         prefix_store_bytes: the budget of the virtual-token key/value cache.
+        ignore_eos: never stop at an end-of-sequence token (every request generates its
+            ``max_new_tokens``, as vLLM's ``ignore_eos``): for benchmarks that need equal work.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Engine:
         max_queue: int = 256,
         max_model_len: int | None = None,
         prefix_store_bytes: int = 256 * 2**20,
+        ignore_eos: bool = False,
     ) -> None:
         if model.training:
             raise ValueError("the engine serves a model in eval mode: call model.eval() first")
@@ -107,7 +110,7 @@ class Engine:
         self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2**31
         self.prefix_store = PrefixStore(model, max_bytes=prefix_store_bytes, lora_bank=lora_bank)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = [] if ignore_eos else _eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else 0
         self.device = next(model.parameters()).device

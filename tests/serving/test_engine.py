@@ -199,6 +199,22 @@ def test_a_row_ending_at_eos_leaves_at_once(served):
         assert handle.result().token_ids == new[: cut + 1]
 
 
+def test_ignore_eos_generates_max_new_tokens(served):
+    """``ignore_eos=True``: a request runs to its ``max_new_tokens`` through its end-of-sequence token,
+    and its tokens are generate's without an end-of-sequence id."""
+    prompt = random_prompt(torch.Generator().manual_seed(2), 5)
+    reference = generate_alone(served, "pt4", prompt, GREEDY)
+    assert len(reference) == GREEDY.max_new_tokens  # the oracle ran to the end (no eos 2 on the way)
+    tokenizer = type(served.tokenizer)()
+    tokenizer.eos_token_id = reference[3]  # generated 4th: would end the row without ignore_eos
+    engine = Engine(served.base, tokenizer, ignore_eos=True)
+    handle = engine.submit(request(served, "r0", "pt4", prompt))
+    engine.run_until_idle()
+    result = handle.result()
+    assert result.finish_reason == "length"
+    assert result.token_ids == reference[: GREEDY.max_new_tokens]
+
+
 def test_stop_strings_cut_the_text(served):
     prompt = random_prompt(torch.Generator().manual_seed(5), 4)
     reference = generate_alone(served, "pt7", prompt, GREEDY)
