@@ -9,7 +9,10 @@ the built-in ``rotten_tomatoes`` as prompts, greedy decoding, ``max_new_tokens``
     HF PEFT   the same requests one at a time: load the request's adapter, ``generate``, unload
               (how a PEFT user serves many adapters without a batching server);
     base      the same batch through the engine with no expert at all (the bare model): the cost
-              the experts add is the ratio of the engine to this.
+              the experts add is the ratio of the engine to this;
+    LoRA      the same batch through the engine with LoRA experts gathered per row from a bank
+              (rank ``lora_rank`` on the attention projections): a different LoRA per request,
+              then one LoRA shared by every request. Equal times mean 32 distinct LoRAs cost one pass.
 
 The engine runs the batch twice: first with every expert cold (its virtual-token keys/values
 computed inside the run), then warm (cached, the steady state of a server). Every request generates
@@ -57,6 +60,8 @@ class ServeBenchSettings:
     """Each prompt is the first this many words of a review."""
     registered: int = 10_000
     """Soft-prompt experts registered for the memory and routing measurement."""
+    lora_rank: int = 8
+    """Rank of the LoRA experts (on the attention projections) of the LoRA-bank measurement."""
     matmul_size: int = 2048
     seed: int = 0
     output: Path = Path("runs/bench-serve")
@@ -160,6 +165,54 @@ def engine_side(engine: Any, prompt_ids: list[list[int]], experts: list[Any], s:
     }
 
 
+def make_lora_experts(model_name: str, count: int, rank: int, folder: Path, seed: int) -> list[str]:
+    """Save ``count`` LoRA experts (random factors, each its own seed) as PEFT folders, made on a
+    base model of their own."""
+    from peftkit import LoraConfig, get_peft_model
+
+    base, _ = load_base(model_name)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    factors = [p for name, p in model.named_parameters() if "lora_" in name]
+    names = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(seed + index)
+        with torch.no_grad():
+            for p in factors:  # nonzero A and B: every expert changes every targeted projection
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        name = f"lora-{index:03d}"
+        model.save_pretrained(folder / name)
+        names.append(name)
+    return names
+
+
+def lora_bank_sides(base: Any, tokenizer: Any, prompt_ids: list[list[int]], s: ServeBenchSettings) -> dict:
+    """The engine with LoRA experts gathered per row: one different LoRA per request, then one LoRA
+    shared by every request (what a batch costs when it holds a single adapter)."""
+    from peftkit.serving.engine import Engine
+    from peftkit.serving.lora_bank import LoraBank
+    from peftkit.serving.registry import ExpertRegistry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = make_lora_experts(s.model, s.requests, s.lora_rank, Path(tmp), s.seed)
+        bank = LoraBank(base)
+        try:
+            registry = ExpertRegistry(base, tokenizer, root=tmp, lora_bank=bank)
+            registry.load_all()
+            experts = [registry.get(name) for name in names]
+            engine = Engine(base, tokenizer, lora_bank=bank, max_batch_size=s.requests, ignore_eos=True)
+            engine.start()
+            try:
+                engine_side(engine, prompt_ids[:2], experts[:2], s)  # warm-up
+                distinct = engine_side(engine, prompt_ids, experts, s)
+                shared = engine_side(engine, prompt_ids, [experts[0]] * s.requests, s)
+            finally:
+                engine.stop(abort_pending=True)
+        finally:
+            bank.close()  # the base model is bare again
+    return {"distinct": distinct, "shared": shared}
+
+
 def summary(result: dict, flops: float, peak: float) -> dict:
     """Throughput, latency percentiles and the fraction of the matmul peak of one side."""
     return {
@@ -223,6 +276,12 @@ def run_serve_bench(settings: ServeBenchSettings, console: Console | None = None
         theirs = peft_in_turn(peft, theirs_base, tokenizer, [folder / name for name in names], prompts, s)
         console.print(f"HF PEFT, one adapter at a time: {theirs['seconds']:.2f} s (load {load} -> {load_average()})")
 
+    loras = lora_bank_sides(ours_base, tokenizer, prompt_ids, s)
+    console.print(
+        f"engine, {s.requests} different LoRA experts: {loras['distinct']['seconds']:.2f} s; one LoRA on every "
+        f"row: {loras['shared']['seconds']:.2f} s (load {load_average()})"
+    )
+
     from peftkit.serving.measure import prefill_saving
 
     saving = prefill_saving(ours_base, tokenizer, experts[0].soft_prompt, prompt_ids[0], batch_size=s.requests)
@@ -237,12 +296,17 @@ def run_serve_bench(settings: ServeBenchSettings, console: Console | None = None
         "engine_cold": summary(cold, flops, peak),
         "base": summary(bare, flops, peak),
         "peft": summary(theirs, flops, peak),
+        "lora_distinct": summary(loras["distinct"], flops, peak),
+        "lora_shared": summary(loras["shared"], flops, peak),
         "prefix_reuse": reuse,
         "registry": registered,
         "load_average": load_average(),
     }
     result["speedup_vs_peft"] = result["engine"]["tokens_per_second"] / result["peft"]["tokens_per_second"]
     result["expert_overhead"] = result["base"]["tokens_per_second"] / result["engine"]["tokens_per_second"] - 1
+    result["distinct_lora_cost"] = (
+        result["lora_shared"]["tokens_per_second"] / result["lora_distinct"]["tokens_per_second"]
+    )
     s.output.mkdir(parents=True, exist_ok=True)
     (s.output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (s.output / "table.md").write_text(markdown_table(result))
@@ -317,6 +381,8 @@ ROWS = (
     ("engine_cold", "peftkit engine, cold experts"),
     ("peft", "HF PEFT, one adapter at a time"),
     ("base", "peftkit engine, bare model"),
+    ("lora_distinct", "peftkit engine, a different LoRA per request"),
+    ("lora_shared", "peftkit engine, one LoRA on every request"),
 )
 COLUMNS = ("run", "wall s", "tokens/s", "p50 latency s", "p99 latency s", "fraction of peak")
 
@@ -350,6 +416,10 @@ def print_result(result: dict[str, Any], console: Console) -> None:
         f"engine / PEFT throughput: [bold]{result['speedup_vs_peft']:.2f}×[/] (goal ≥ 5×); expert overhead vs the "
         f"bare model: [bold]{result['expert_overhead']:+.1%}[/] (goal ≤ 15%); matmul peak "
         f"{result['matmul_peak_gflops']:.0f} GFLOP/s; load {result['load_average']}"
+    )
+    console.print(
+        f"{s['requests']} different LoRA experts in one batch cost {result['distinct_lora_cost']:.2f}× one LoRA "
+        f"shared by all rows (gathered per row from the bank)"
     )
     console.print(f"soft-prompt KV reuse: {result['prefix_reuse']['text']}")
     reg = result["registry"]

@@ -24,13 +24,13 @@ def test_every_side_runs_on_a_tiny_model(tmp_path):
             "--max-new-tokens", "5", "--prompt-words", "6", "--registered", "50", "--matmul-size", "128"]  # fmt: skip
     assert main(args) == 0
     result = json.loads((out / "results.json").read_text())
-    for side in ("engine", "engine_cold", "base", "peft"):
+    for side in ("engine", "engine_cold", "base", "peft", "lora_distinct", "lora_shared"):
         assert result[side]["generated_tokens"] == 3 * 5  # end-of-sequence ignored: the same work everywhere
         assert result[side]["p50_latency_s"] <= result[side]["p99_latency_s"] <= result[side]["seconds"] + 1e-6
     assert result["speedup_vs_peft"] == pytest.approx(
         result["engine"]["tokens_per_second"] / result["peft"]["tokens_per_second"]
     )
-    assert (out / "table.md").read_text().count("\n") == 2 + 4  # header, rule, four runs
+    assert (out / "table.md").read_text().count("\n") == 2 + 6  # header, rule, six runs
     registry = result["registry"]
     assert registry["experts"] == 50
     # the bank's table: 50 experts × 4 virtual tokens × the hidden size × 4 bytes
