@@ -158,6 +158,14 @@ class SoftPrompt(ParameterOwner, nn.Module):
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.parameters())
 
+    def served_prompt(self, row: int = 0) -> Any:
+        """Expert ``row``'s soft prompt as the serving engine takes it
+        (:class:`peftkit.serving.types.SoftPrompt`, detached copies, computed once)."""
+        raise NotImplementedError
+
+    def _row_index(self, row: int) -> Tensor:
+        return torch.tensor([row], dtype=torch.long, device=next(self.parameters()).device)
+
     def check_rows(self, rows: Tensor) -> Tensor:
         """``(B,)`` bool: which rows use this adapter; raises if a row names a missing expert."""
         count = num_experts(self)
@@ -278,6 +286,17 @@ class EmbeddingSoftPrompt(SoftPrompt):
     def row_prompts(self, rows: Tensor) -> Tensor:
         """The prompt of each row: ``(n, D)`` shared by every row, or ``(B, n, D)``."""
         return self.prompt()
+
+    @torch.no_grad()
+    def served_prompt(self, row: int = 0) -> Any:
+        """``SoftPrompt("prompt", n, embeddings)``: the ``(n, D)`` virtual embeddings (the prompt
+        encoder run once for p-tuning)."""
+        from peftkit.serving.types import SoftPrompt as ServedPrompt
+
+        self.check_rows(self._row_index(row))
+        prompts = self.row_prompts(self._row_index(row))
+        embeddings = prompts[0] if prompts.dim() == 3 else prompts
+        return ServedPrompt("prompt", self.config.num_virtual_tokens, embeddings=embeddings.detach().clone())
 
     def prepare_inputs(self, inputs: ModelInputs, rows: Tensor) -> ModelInputs:
         selected = self.check_rows(rows)

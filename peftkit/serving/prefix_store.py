@@ -220,27 +220,8 @@ def lora_routing(lora_bank: Any, experts: list[ServedExpert | None], device: tor
 
 
 def soft_prompt_of(adapter: nn.Module, expert: int | str = 0) -> SoftPrompt:
-    """The :class:`SoftPrompt` of a peftkit prompt-tuning or prefix-tuning adapter (one expert of a bank).
-
-    Prompt tuning gives ``embeddings`` ``(n, D)``; prefix tuning gives per-layer ``key_values``
-    ``(H_kv, n, d)`` (its parameters, viewed in the attention's layout).
-    """
+    """The :class:`SoftPrompt` of a peftkit prompt-tuning, p-tuning or prefix-tuning adapter (expert
+    ``expert`` of a bank): the adapter's own ``served_prompt``."""
     from peftkit.experts.bank import expert_row
-    from peftkit.methods.prefix_tuning import PrefixTuning
-    from peftkit.methods.soft_prompt import EmbeddingSoftPrompt, PromptBank
 
-    n = adapter.config.num_virtual_tokens
-    with torch.no_grad():
-        if isinstance(adapter, PrefixTuning):
-            row = expert_row(adapter, expert)
-            kv = adapter.row_key_values(torch.tensor([row]))[:, 0]  # (2L, H_kv, n, d)
-            kv = kv.detach().clone()
-            layers = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(adapter.config.num_layers))
-            return SoftPrompt(kind="prefix", num_virtual_tokens=n, key_values=layers)
-        if isinstance(adapter, PromptBank) and adapter.num_experts > 1:
-            embeddings = adapter.table[expert_row(adapter, expert)]
-        elif isinstance(adapter, EmbeddingSoftPrompt):
-            embeddings = adapter.prompt()
-        else:
-            raise TypeError(f"{type(adapter).__name__} is not a prompt-tuning or prefix-tuning adapter")
-        return SoftPrompt(kind="prompt", num_virtual_tokens=n, embeddings=embeddings.detach().clone())
+    return adapter.served_prompt(expert_row(adapter, expert))

@@ -94,12 +94,7 @@ def soft_prompt_adapter(model: nn.Module, config: PromptLearningConfig, tensors:
 
 def single_soft_prompt(model: nn.Module, config: PromptLearningConfig, tensors: dict[str, Tensor]) -> SoftPrompt:
     """A prompt-tuning / p-tuning / prefix-tuning adapter's soft prompt, computed once."""
-    adapter = soft_prompt_adapter(model, config, tensors)
-    n = config.num_virtual_tokens
-    with torch.no_grad():
-        if config.peft_type == "PREFIX_TUNING":
-            return SoftPrompt("prefix", n, key_values=prefix_layers(adapter.flat_prefix().detach(), adapter.config))
-        return SoftPrompt("prompt", n, embeddings=adapter.prompt().detach())
+    return soft_prompt_adapter(model, config, tensors).served_prompt()
 
 
 def concat_prompts(prompts: list[SoftPrompt]) -> SoftPrompt | None:

@@ -187,3 +187,31 @@ def test_prefill_saving_times_two_equal_computations(served):
     assert saving.speedup == saving.recompute_ms / saving.cached_ms
     with pytest.raises(ValueError, match="prompt-tuning soft prompt"):
         prefill_saving(served.base, served.tokenizer, served.experts["px3"].soft_prompt, [5], 1)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_bank_experts_served_prompt_is_its_own_row(method):
+    """``served_prompt(row)`` of a bank gives that expert's prompt: prompt tuning its table row, prefix
+    tuning its row in the attention's layout (keys of layer l at 2l, values at 2l + 1)."""
+    from peftkit import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from peftkit.serving.prefix_store import soft_prompt_of
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    kind = PromptTuningConfig if method == "prompt" else PrefixTuningConfig
+    peft = get_peft_model(model, kind(num_virtual_tokens=3, expert_ids=["a", "b", "c"]))
+    adapter = peft.prompt_encoder["default"]
+    served = soft_prompt_of(adapter, "b")
+    table = adapter.table[1].detach()  # (n, W)
+    assert served.kind == method and served.num_virtual_tokens == 3
+    if method == "prompt":
+        torch.testing.assert_close(served.embeddings, table, atol=0, rtol=0)
+    else:
+        config = adapter.config
+        heads, layers = config.num_attention_heads, config.num_layers
+        kv = table.view(3, 2 * layers, heads, -1).permute(1, 2, 0, 3)
+        for layer, (keys, values) in enumerate(served.key_values):
+            torch.testing.assert_close(keys, kv[2 * layer], atol=0, rtol=0)
+            torch.testing.assert_close(values, kv[2 * layer + 1], atol=0, rtol=0)
+    with pytest.raises(KeyError, match="z"):
+        soft_prompt_of(adapter, "z")

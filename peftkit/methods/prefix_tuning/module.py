@@ -102,6 +102,17 @@ class PrefixTuning(PromptBank, SoftPrompt):
         batch = flat.shape[0]
         return flat.view(batch, c.num_virtual_tokens, 2 * c.num_layers, heads, -1).permute(2, 0, 3, 1, 4)
 
+    @torch.no_grad()
+    def served_prompt(self, row: int = 0) -> Any:
+        """``SoftPrompt("prefix", n, key_values)``: per layer ``(keys, values)``, each ``(H_kv, n, d_head)``
+        (its parameters in the attention's layout; the projection run once when there is one)."""
+        from peftkit.serving.types import SoftPrompt as ServedPrompt
+
+        self.check_rows(self._row_index(row))
+        kv = self.row_key_values(self._row_index(row))[:, 0].detach().clone()  # (2L, H_kv, n, d)
+        layers = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.config.num_layers))
+        return ServedPrompt("prefix", self.config.num_virtual_tokens, key_values=layers)
+
     def prepare_inputs(self, inputs: ModelInputs, rows: Tensor) -> ModelInputs:
         selected = self.check_rows(rows)
         batch = inputs.batch_size
