@@ -31,12 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftkit import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peftkit.bench.common import rss_bytes
 from peftkit.experts.bank_files import bank_from_folders, export_expert
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def base_model(name: str) -> torch.nn.Module:

@@ -23,6 +23,15 @@ def load_average() -> str:
         return "n/a"
 
 
+def rss_bytes() -> int:
+    """This process's resident memory in bytes (Linux ``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 def train(model: Any, data: Any, config: TrainingConfig, progress: bool = False) -> float:
     """Train ``model``'s trainable parameters on ``data``; returns the wall time in seconds."""
     start = time.perf_counter()

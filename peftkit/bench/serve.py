@@ -41,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from peftkit.bench.common import load_average
+from peftkit.bench.common import load_average, rss_bytes
 from peftkit.bench.many_experts import flop_counts, matmul_peak, require_peft
 from peftkit.models.loading import DEFAULT_MODEL, load_base
 
@@ -312,17 +312,6 @@ def run_serve_bench(settings: ServeBenchSettings, console: Console | None = None
     (s.output / "table.md").write_text(markdown_table(result))
     print_result(result, console)
     return result
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (Linux ``/proc/self/status``; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def registry_cost(base: torch.nn.Module, s: ServeBenchSettings) -> dict:
