@@ -19,6 +19,7 @@ per-persona accuracy, trainable parameters per persona and training wall time.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -236,16 +237,40 @@ class Runs:
         )
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the probability of a split at least this uneven between ``wins`` and
+    ``losses`` if each were a fair coin (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(max(wins, losses), n + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def versus(baseline: MethodResult, other: MethodResult) -> str:
+    """``other`` against ``baseline`` on the personas both scored: mean difference in points, wins–ties–
+    losses per persona, and the sign test's p."""
+    shared = [p for p in other.accuracy if p in baseline.accuracy]
+    if other is baseline or not shared:
+        return ""
+    diffs = [other.accuracy[p] - baseline.accuracy[p] for p in shared]
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return (
+        f"{100 * statistics.fmean(diffs):+.1f} pts ({wins}–{len(diffs) - wins - losses}–{losses}, "
+        f"p={sign_test(wins, losses):.2g})"
+    )
+
+
 def markdown_table(results: list[MethodResult], references: dict[str, float]) -> str:
     lines = [
         "| method | accuracy (mean ± std over personas) | personas | trainable params per persona "
-        "| train wall time | note |",
-        "|---|---|---|---|---|---|",
+        "| train wall time | vs unified LoRA (per persona: wins–ties–losses, sign test) | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.method} | {r.mean:.2%} ± {r.std:.2%} | {len(r.accuracy)} | {r.params_per_persona:,} "
-            f"| {r.train_seconds:.0f} s (load {r.load}) | {r.note} |"
+            f"| {r.train_seconds:.0f} s (load {r.load}) | {versus(results[0], r)} | {r.note} |"
         )
     lines.append("")
     lines += [f"- reference, no training: {name} = {value:.2%}" for name, value in references.items()]

@@ -93,3 +93,24 @@ def test_settings_name_the_flag_they_reject():
         PersonaBenchSettings(personas=4, lora_personas=0)
     with pytest.raises(ValueError, match="--epochs must be at least 1"):
         PersonaBenchSettings(epochs=0)
+
+
+@pytest.mark.parametrize(
+    ("wins", "losses", "expected"),
+    [(9, 1, 2 * 11 / 1024), (1, 9, 2 * 11 / 1024), (5, 5, 1.0), (0, 0, 1.0), (6, 0, 2 / 64), (12, 3, 2 * 576 / 32768)],
+)
+def test_sign_test_is_the_two_sided_binomial_tail(wins, losses, expected):
+    from peftkit.bench.persona_table import sign_test
+
+    # 9 of 10: C(10,9) + C(10,10) = 11 outcomes at least as uneven on one side; 12 of 15: 455 + 105 + 15 + 1 = 576
+    assert sign_test(wins, losses) == pytest.approx(expected)
+
+
+def test_versus_counts_wins_ties_and_losses_per_persona():
+    from peftkit.bench.persona_table import MethodResult, versus
+
+    unified = MethodResult("unified LoRA", {"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5}, 1, 1.0)
+    other = MethodResult("prompt", {"a": 0.75, "b": 1.0, "c": 0.5, "d": 0.25}, 1, 1.0)
+    # differences +25, +50, 0, -25 points: mean +12.5; 2 wins, 1 tie, 1 loss; sign test on 2 vs 1: p = 1
+    assert versus(unified, other) == "+12.5 pts (2–1–1, p=1)"
+    assert versus(unified, unified) == ""
