@@ -180,15 +180,10 @@ class _Server:
         """``/v1/models``: ``base`` then the experts (``registry.describe()`` adds their details)."""
         entries = [{"id": BASE, "object": "model", "created": self.created, "owned_by": "peftkit",
                     "root": self.served_name}]  # fmt: skip
-        described = self.registry.describe()
-        rows = described.values() if isinstance(described, dict) else described
-        for row in rows:
-            info = dict(row) if isinstance(row, dict) else {"name": str(row)}
-            name = info.pop("name", None) or info.pop("id")
-            if name == BASE:
-                continue
-            entries.append({"id": name, "object": "model", "created": self.created, "owned_by": "peftkit",
-                            "root": self.served_name, "parent": self.served_name, **info})  # fmt: skip
+        for row in self.registry.describe():  # {id, kind, source, loaded, bytes, version}
+            if row["id"] != BASE:
+                entries.append({"object": "model", "created": self.created, "owned_by": "peftkit",
+                                "root": self.served_name, "parent": self.served_name, **row})  # fmt: skip
         return entries
 
     async def resolve(self, body: GenerationRequest) -> tuple[ServedExpert | None, str]:
