@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from peftkit.config import PeftConfig
@@ -140,13 +139,10 @@ def _from_expert_file(path: Path) -> ExportedExpert:
 
 
 def _from_adapter_folder(folder: Path) -> list[ExportedExpert]:
+    from peftkit.compat.state_dict import load_peft_weights
+
     config = PeftConfig.from_pretrained(folder)
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        found = sorted(p.name for p in folder.glob("adapter_model.*"))
-        hint = f" (found {found}: peftkit never loads pickle files)" if found else ""
-        raise FileNotFoundError(f"no adapter_model.safetensors in {folder}{hint}")
-    tensors = load_file(str(weights))
+    tensors = load_peft_weights(folder, device="cpu")
     base = config.base_model_name_or_path
     ids = getattr(config, "expert_ids", None)
     if ids is None:
