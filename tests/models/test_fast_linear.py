@@ -1,4 +1,7 @@
-"""Frozen fp32 linear layers through oneDNN: the same values and input gradients as ``F.linear``."""
+"""Frozen fp32 linear layers through oneDNN: the same values and input gradients as ``F.linear``; under
+bf16 autocast, cached bf16 weights and fp32 attention."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -70,3 +73,58 @@ def test_a_decoding_step_or_a_bf16_call_is_not_intercepted():
             assert "FrozenLinear" not in routed_name(F.linear(x, weight))
     with frozen_linear_on_onednn(torch.zeros(1, MIN_ROWS, 8)):
         assert "FrozenLinear" in routed_name(F.linear(x, weight))
+
+
+def test_under_bf16_autocast_a_frozen_linear_uses_its_cached_bf16_copy():
+    """Same values and input gradients as autocast's own cast-per-call path; the copy is made once and
+    remade when the weight changes in place (a LoRA merge, say)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, MIN_ROWS, 48, generator=gen).requires_grad_()
+    weight, bias = torch.randn(80, 48, generator=gen), torch.randn(80, generator=gen)
+    grad = torch.randn(2, MIN_ROWS, 80, generator=gen, dtype=torch.bfloat16)
+    outputs = []
+    for routed in (True, False):
+        with torch.autocast("cpu", torch.bfloat16), frozen_linear_on_onednn() if routed else nullcontext():
+            y = F.linear(x, weight, bias)
+        assert ("FrozenLinearBF16" in routed_name(y)) == routed
+        outputs.append((y, *torch.autograd.grad(y, x, grad)))
+    (y, gx), (y_ref, gx_ref) = outputs
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and gx.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    copy = fast_linear.bf16_copy(weight)
+    assert fast_linear.bf16_copy(weight) is copy
+    weight.add_(1.0)
+    torch.testing.assert_close(fast_linear.bf16_copy(weight), weight.bfloat16(), rtol=0, atol=0)
+
+
+def test_under_bf16_autocast_attention_with_gradients_runs_in_fp32():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 16, generator=gen).requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", torch.bfloat16), frozen_linear_on_onednn():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with torch.no_grad():  # inference keeps autocast's path
+            assert F.scaled_dot_product_attention(q, k, v, is_causal=True).grad_fn is None
+    assert out.dtype == torch.bfloat16 and "ToCopy" in routed_name(out)
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, reference.bfloat16(), rtol=0, atol=0)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    for grad, expected in zip(grads, torch.autograd.grad(reference.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_soft_prompt_trains_to_nearly_the_same_gradient_under_bf16(monkeypatch):
+    """The bf16 routes change only where rounding happens: the prompt gradient stays within bf16's error."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=4))
+    ids = torch.randint(3, 60, (4, 12))
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fast_linear, "onednn_linear_available", lambda e=enabled: e)
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append(model.prompt_encoder["default"].embedding.weight.grad.clone())
+    scale = grads[1].abs().max()
+    assert (grads[0] - grads[1]).abs().max() <= 0.05 * scale
