@@ -13,9 +13,10 @@ runs; PEFT's is the plain loop its documentation shows (forward with labels, bac
 
     python scripts/bench_train.py --batch-size 8 --steps 20            # writes runs/bench_train.json
 
-``--precision bf16`` compares bf16 training: peftkit keeps the frozen base weights in bf16 (the run
-config's ``model.dtype: bfloat16`` with ``training.precision: bf16``) while the soft prompt and AdamW
-stay fp32; PEFT runs each way a PEFT user would pick for bf16, both measured: ``peft-autocast``
+``--precision bf16`` compares bf16 training: peftkit keeps fp32 weights under bf16 autocast
+(``training.precision: bf16``; its CPU matmuls use a cached bf16 copy of each frozen weight, see
+``peftkit/models/fast_linear.py``) while the soft prompt and AdamW stay fp32; PEFT runs each way a
+PEFT user would pick for bf16, both measured: ``peft-autocast``
 (fp32 model, forward under ``torch.autocast("cpu", torch.bfloat16)``) and ``peft-bf16`` (the model
 loaded with ``dtype=torch.bfloat16``; PEFT's prompt stays fp32 and is cast to bf16 in its forward),
 plus PEFT's default fp32 as a reference. bf16 rounding makes the libraries' losses drift apart,
@@ -138,7 +139,7 @@ def main() -> None:
     peak = matmul_peak()
     torch.manual_seed(args.seed)
     bf16 = args.precision == "bf16"
-    ours_base, tokenizer = load_base(args.model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    ours_base, tokenizer = load_base(args.model)
     ours = get_peft_model(ours_base, PromptTuningConfig(num_virtual_tokens=args.tokens))
     folder = resolve_model_folder(args.model)
     peft_dtypes = {"peft": torch.float32} | (
@@ -270,7 +271,7 @@ def main() -> None:
 
 RUNNER_DESCRIPTIONS = {
     "peftkit-fp32": "fp32 model; Trainer.train_step",
-    "peftkit-bf16": "bf16 base weights, fp32 prompt + AdamW, precision bf16; Trainer.train_step",
+    "peftkit-bf16": "fp32 model under bf16 autocast (cached bf16 weights), fp32 prompt + AdamW; Trainer.train_step",
     "peft": "PEFT default: fp32 model, forward(labels) / backward / clip / AdamW",
     "peft-autocast": "PEFT, fp32 model under torch.autocast(cpu, bf16)",
     "peft-bf16": "PEFT, model loaded in bf16 (prompt fp32, cast by PEFT)",

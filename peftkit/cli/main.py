@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-size", type=int, default=400, help="held-out reviews (default 400)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: base weights in bf16 (default fp32)"
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: bf16 matmuls (fp32 weights under autocast on CPU, a bf16 base on GPU; default fp32)",
     )
     demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="where the adapter and summary go")
     demo.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")

@@ -26,6 +26,19 @@ def test_demo_passes_its_precision_on(monkeypatch, tmp_path):
     assert seen["s"].precision == "bf16"
 
 
+def test_demo_bf16_keeps_fp32_weights_on_cpu_and_stores_bf16_on_a_gpu(monkeypatch):
+    """On a CPU, autocast over fp32 weights (cached bf16 copies) is the faster bf16; on a GPU, a bf16 base."""
+    import torch
+
+    from peftkit.cli import demo
+
+    assert demo.demo_dtype(demo.DemoSettings(precision="bf16", device="cpu")) == torch.float32
+    assert demo.demo_dtype(demo.DemoSettings(precision="fp32", device="cpu")) == torch.float32
+    monkeypatch.setattr(demo, "resolve_device", lambda setting: torch.device("cuda"))
+    assert demo.demo_dtype(demo.DemoSettings(precision="bf16", device="cuda")) == torch.bfloat16
+    assert demo.demo_dtype(demo.DemoSettings(precision="fp32", device="cuda")) == torch.float32
+
+
 def test_unknown_alias_is_an_error(capsys):
     assert main(["models", "prepare", "nope"]) == 2
     assert "unknown alias 'nope'" in capsys.readouterr().out
