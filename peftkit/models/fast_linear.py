@@ -163,7 +163,9 @@ def _attention(args: tuple, kwargs: dict) -> Tensor | None:
 _ROUTES = {F.linear: _linear, F.scaled_dot_product_attention: _attention}
 
 
-class _RouteFrozenLinear(TorchFunctionMode):
+class _RouteFrozenBase(TorchFunctionMode):
+    """Sends ``F.linear`` and ``F.scaled_dot_product_attention`` calls to :data:`_ROUTES`' choices."""
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
@@ -189,5 +191,5 @@ def frozen_linear_on_onednn(hidden: Tensor | None = None) -> Iterator[None]:
     if small or not onednn_linear_available():
         yield
         return
-    with _RouteFrozenLinear():
+    with _RouteFrozenBase():
         yield
