@@ -13,14 +13,12 @@ validation accuracy of each::
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 
 from rich.console import Console
 
-from peftkit import LoraConfig, get_peft_model
-from peftkit.bench.persona_table import PersonaBenchSettings, Runs
-from peftkit.bench.personas import persona_data, reference_accuracies
+from peftkit import get_peft_model
+from peftkit.bench.persona_table import PersonaBenchSettings, Runs, lora_config
+from peftkit.bench.personas import persona_data, reference_accuracies, review_halves
 from peftkit.data.rotten_tomatoes import load_reviews
 from peftkit.models.loading import DEFAULT_MODEL, load_base
 
@@ -38,11 +36,8 @@ def main() -> None:
     args = parser.parse_args()
 
     console = Console()
-    pool = list(load_reviews())
-    random.Random(args.seed).shuffle(pool)  # the benchmark's own shuffle: its training half comes first
-    data = persona_data(
-        args.personas, test_per_persona=args.validation_per_persona, seed=args.seed, reviews=pool[: len(pool) // 2]
-    )
+    train_half, _ = review_halves(load_reviews(), args.seed)  # the benchmark's own split
+    data = persona_data(args.personas, test_per_persona=args.validation_per_persona, seed=args.seed, reviews=train_half)
     console.print(f"{len(data.train)} training rows, {len(data.test)} validation rows (training half only)")
     for name, value in reference_accuracies(data).items():
         console.print(f"reference (no training): {name} = {value:.2%}")
@@ -52,7 +47,7 @@ def main() -> None:
             model=args.model, personas=args.personas, unified_epochs=unified_epochs, lora_lr=args.lora_lr,
             seed=args.seed,
         )  # fmt: skip
-        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), "unified")
+        model = get_peft_model(base, lora_config(settings), "unified")
         runs = Runs(settings, data, model, tokenizer, console)
         runs.unified()
         for lr in args.prompt_lr:
@@ -61,7 +56,7 @@ def main() -> None:
                 result = runs.persona_prompts()
                 console.print(
                     f"unified_epochs={unified_epochs} prompt_lr={lr:g} epochs={epochs}: validation "
-                    f"{result.mean:.2%} ± {statistics.pstdev(result.accuracy.values()):.2%}"
+                    f"{result.mean:.2%} ± {result.std:.2%}"
                 )
                 model.delete_adapter("persona")
 

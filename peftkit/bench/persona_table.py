@@ -118,12 +118,17 @@ def run_persona_bench(settings: PersonaBenchSettings, console: Console | None = 
         f"{len(data.test)} held-out rows (load {load_average()})"
     )
     base, tokenizer = load_base(settings.model, device=settings.device)
-    lora = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=["q_proj", "v_proj"])
+    lora = lora_config(settings)
     model = get_peft_model(base, lora, "unified")
     runs = Runs(settings, data, model, tokenizer, console)
     results = [runs.unified(), runs.persona_loras(lora), runs.cluster_loras(lora)]
     results += [runs.cluster_prompts(), runs.persona_prompts(), runs.hierarchical()]
     return write_outputs(settings, data, results, console)
+
+
+def lora_config(settings: PersonaBenchSettings) -> LoraConfig:
+    """Every LoRA of the table (unified, per persona, per cluster): rank ``lora_rank`` on q and v."""
+    return LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=["q_proj", "v_proj"])
 
 
 class Runs:

@@ -142,9 +142,8 @@ def persona_data(
         raise ValueError(f"topic_fraction must be in [0, 1], got {topic_fraction}")
     if train_per_persona < 1 or test_per_persona < 1:
         raise ValueError("train_per_persona and test_per_persona must be at least 1")
-    pool = list(reviews if reviews is not None else load_reviews())
-    random.Random(seed).shuffle(pool)
-    halves = {"train": pool[: len(pool) // 2], "test": pool[len(pool) // 2 :]}
+    train_half, test_half = review_halves(reviews if reviews is not None else load_reviews(), seed)
+    halves = {"train": train_half, "test": test_half}
     people = make_personas(personas, clusters, seed)
     rng = random.Random(seed + 1)
     out: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
@@ -157,6 +156,13 @@ def persona_data(
             rng.shuffle(chosen)
             out[split] += [record(persona, review) for review in chosen]
     return PersonaData(people, out["train"], out["test"])
+
+
+def review_halves(reviews: Sequence[Review], seed: int) -> tuple[list[Review], list[Review]]:
+    """The reviews shuffled with ``seed`` and halved: (training half, held-out half)."""
+    pool = list(reviews)
+    random.Random(seed).shuffle(pool)
+    return pool[: len(pool) // 2], pool[len(pool) // 2 :]
 
 
 def record(persona: Persona, review: Review) -> dict[str, str]:
